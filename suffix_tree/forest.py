@@ -1,0 +1,461 @@
+"""Many depth-bounded suffix trees sharing one set of flat arrays."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from suffix_tree import _kernels as K
+from suffix_tree.draft import Draft
+from suffix_tree.validation import check_positive_int, check_probability, to_token_array
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_DEPTH = 24
+_APPEND_CHUNK = 256  # bounds the worst-case node reservation of one kernel call
+_MAX_EDGE_LOAD = 0.6
+_NO_FACTOR_LIMIT = 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryReport:
+    """Bytes held by a forest, by part (allocated capacity, not just live entries)."""
+
+    nodes: int
+    edges: int
+    tokens: int
+    sequences: int
+    num_live_nodes: int
+    num_stored_tokens: int
+
+    @property
+    def total(self) -> int:
+        return self.nodes + self.edges + self.tokens + self.sequences
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.total / max(1, self.num_stored_tokens)
+
+
+class SuffixForest:
+    """Depth-bounded suffix trees over int32 token sequences, one tree per key.
+
+    All trees share one node pool, one edge hash table and one token pool, so a tree costs one
+    root node until it holds tokens: thousands of small per-prompt trees are cheap.
+
+    Lifecycle of a sequence: :meth:`append` (creates it in ``tree`` on first use, then extends it
+    token by token), :meth:`remove` (deletes all its occurrences, no rebuild). Queries:
+    :meth:`speculate`. Debugging: :meth:`check_integrity`, :meth:`memory`.
+    """
+
+    def __init__(self, max_depth: int = DEFAULT_MAX_DEPTH, initial_nodes: int = 1024) -> None:
+        self.max_depth = check_positive_int(max_depth, "max_depth")
+        if self.max_depth > 1024:
+            raise ValueError(f"max_depth={max_depth} must be <= 1024")
+        self._nodes = np.zeros((max(16, initial_nodes), K.NUM_FIELDS), dtype=np.int32)
+        self._edge_keys = np.full(_pow2_at_least(2 * initial_nodes), K.EMPTY, dtype=np.int64)
+        self._edge_vals = np.zeros(self._edge_keys.shape[0], dtype=np.int32)
+        self._meta = np.zeros(K.NUM_META, dtype=np.int64)
+        self._meta[K.M_FREE_HEAD] = -1
+        self._pool = np.zeros(4096, dtype=np.int32)
+        self._pool_used = 0
+        self._pool_live = 0
+        num_slots = 16
+        self._seq_start = np.zeros(num_slots, dtype=np.int64)
+        self._seq_len = np.zeros(num_slots, dtype=np.int64)
+        self._seq_cap = np.zeros(num_slots, dtype=np.int64)
+        self._seq_root = np.full(num_slots, -1, dtype=np.int64)
+        self._seq_alive = np.zeros(num_slots, dtype=np.bool_)
+        self._active_node = np.zeros((num_slots, self.max_depth), dtype=np.int32)
+        self._active_depth = np.zeros((num_slots, self.max_depth), dtype=np.int32)
+        self._free_slots: list[int] = list(range(num_slots - 1, -1, -1))
+        self._slot_of: dict[Hashable, int] = {}
+        self._tree_of_seq: dict[Hashable, Hashable] = {}
+        self._root_of: dict[Hashable, int] = {}
+        self._num_seqs_in_tree: dict[Hashable, int] = {}
+        self._draft_tokens = np.zeros(64, dtype=np.int32)
+        self._draft_probs = np.zeros(64, dtype=np.float64)
+        self._scratch_tokens = np.zeros(64, dtype=np.int32)
+        self._scratch_probs = np.zeros(64, dtype=np.float64)
+        warm_up_kernels()
+
+    # ----------------------------------------------------------------------------- trees
+    @property
+    def num_trees(self) -> int:
+        return len(self._root_of)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._slot_of)
+
+    def has_tree(self, tree: Hashable) -> bool:
+        return tree in self._root_of
+
+    def tree_keys(self) -> list[Hashable]:
+        return list(self._root_of)
+
+    def num_sequences_in(self, tree: Hashable) -> int:
+        return self._num_seqs_in_tree.get(tree, 0)
+
+    def sequence_ids(self) -> list[Hashable]:
+        return list(self._slot_of)
+
+    def _root(self, tree: Hashable) -> int:
+        root = self._root_of.get(tree)
+        if root is None:
+            self._reserve_nodes(1)
+            root = int(K.alloc_node(self._nodes, self._meta, -1, -1, 0))
+            self._root_of[tree] = root
+            self._num_seqs_in_tree[tree] = 0
+        return root
+
+    def drop_tree(self, tree: Hashable) -> None:
+        """Remove every sequence of ``tree`` and free its root."""
+        if tree not in self._root_of:
+            raise ValueError(f"tree={tree!r} is not in this forest")
+        for seq_id in [s for s, t in self._tree_of_seq.items() if t == tree]:
+            self.remove(seq_id)
+        K.free_node(self._nodes, self._meta, self._root_of.pop(tree))
+        del self._num_seqs_in_tree[tree]
+
+    # ------------------------------------------------------------------------- sequences
+    def has_sequence(self, seq_id: Hashable) -> bool:
+        return seq_id in self._slot_of
+
+    def sequence_length(self, seq_id: Hashable) -> int:
+        return int(self._seq_len[self._slot(seq_id)])
+
+    def sequence_tokens(self, seq_id: Hashable) -> np.ndarray:
+        """A copy of the tokens stored for ``seq_id``."""
+        slot = self._slot(seq_id)
+        start = self._seq_start[slot]
+        return self._pool[start : start + self._seq_len[slot]].copy()
+
+    def append(
+        self, seq_id: Hashable, tokens: Iterable[int] | np.ndarray, tree: Hashable = 0
+    ) -> None:
+        """Append ``tokens`` to sequence ``seq_id``; a new id starts a sequence in ``tree``.
+
+        O(max_depth) amortized per token. ``tree`` must match the sequence's tree if it exists.
+        """
+        array = to_token_array(tokens, "tokens")
+        slot = self._slot_of.get(seq_id)
+        if slot is None:
+            slot = self._new_sequence(seq_id, tree)
+        elif self._tree_of_seq[seq_id] != tree:
+            raise ValueError(
+                f"seq_id={seq_id!r} belongs to tree={self._tree_of_seq[seq_id]!r}, "
+                f"not tree={tree!r}"
+            )
+        if array.size == 0:
+            return
+        root = self._root_of[tree]
+        for begin in range(0, array.size, _APPEND_CHUNK):
+            chunk = array[begin : begin + _APPEND_CHUNK]
+            self._reserve_sequence(slot, chunk.size)
+            self._reserve_nodes(2 * self.max_depth * chunk.size)
+            K.append_tokens(
+                self._nodes,
+                self._edge_keys,
+                self._edge_vals,
+                self._meta,
+                self._pool,
+                self._seq_start,
+                self._seq_len,
+                self._active_node,
+                self._active_depth,
+                slot,
+                root,
+                chunk,
+                self.max_depth,
+            )
+
+    def remove(self, seq_id: Hashable) -> None:
+        """Remove all occurrences of ``seq_id`` from its tree (O(length * max_depth))."""
+        slot = self._slot(seq_id)
+        tree = self._tree_of_seq.pop(seq_id)
+        del self._slot_of[seq_id]
+        K.remove_sequence(
+            self._nodes,
+            self._edge_keys,
+            self._edge_vals,
+            self._meta,
+            self._pool,
+            self._seq_start,
+            self._seq_len,
+            slot,
+            self._root_of[tree],
+            self.max_depth,
+        )
+        self._pool_live -= int(self._seq_cap[slot])
+        self._seq_cap[slot] = 0
+        self._seq_alive[slot] = False
+        self._seq_root[slot] = -1
+        self._free_slots.append(slot)
+        self._num_seqs_in_tree[tree] -= 1
+
+    def _slot(self, seq_id: Hashable) -> int:
+        slot = self._slot_of.get(seq_id)
+        if slot is None:
+            raise ValueError(f"seq_id={seq_id!r} is not in this forest")
+        return slot
+
+    def _new_sequence(self, seq_id: Hashable, tree: Hashable) -> int:
+        if not self._free_slots:
+            self._grow_slots()
+        slot = self._free_slots.pop()
+        root = self._root(tree)
+        self._slot_of[seq_id] = slot
+        self._tree_of_seq[seq_id] = tree
+        self._num_seqs_in_tree[tree] += 1
+        self._seq_alive[slot] = True
+        self._seq_root[slot] = root
+        self._seq_len[slot] = 0
+        self._seq_cap[slot] = 0
+        self._seq_start[slot] = self._pool_used
+        return slot
+
+    # -------------------------------------------------------------------------- queries
+    def speculate(
+        self,
+        context: Iterable[int] | np.ndarray,
+        max_tokens: int,
+        tree: Hashable = 0,
+        min_token_prob: float = 0.1,
+        max_spec_factor: float | None = None,
+    ) -> Draft:
+        """Draft a continuation of ``context`` from ``tree``.
+
+        Every suffix of the last ``max_depth`` context tokens that occurs in the tree is tried;
+        from each, the walk follows the most frequent child (ties: smaller token) and stops at
+        ``max_tokens`` (or ``match_len * max_spec_factor``), when the cumulative probability
+        drops below ``min_token_prob``, or at depth ``max_depth``. The best score wins, ties to
+        the longer match. An empty context or an unknown/empty tree gives an empty draft.
+        """
+        check_positive_int(max_tokens, "max_tokens")
+        check_probability(min_token_prob, "min_token_prob")
+        factor = _NO_FACTOR_LIMIT if max_spec_factor is None else float(max_spec_factor)
+        if factor <= 0:
+            raise ValueError(f"max_spec_factor={max_spec_factor} must be > 0")
+        array = to_token_array(context, "context")
+        root = self._root_of.get(tree)
+        if root is None or array.size == 0:
+            return Draft.empty()
+        if array.size > self.max_depth:
+            array = array[-self.max_depth :]
+        if max_tokens > self._draft_tokens.shape[0]:
+            self._grow_draft_buffers(max_tokens)
+        num, match_len, score = K.speculate(
+            self._nodes,
+            self._edge_keys,
+            self._edge_vals,
+            self._pool,
+            self._seq_start,
+            self._seq_len,
+            root,
+            array,
+            self.max_depth,
+            max_tokens,
+            min_token_prob,
+            factor,
+            self._draft_tokens,
+            self._draft_probs,
+            self._scratch_tokens,
+            self._scratch_probs,
+        )
+        return Draft(
+            tokens=self._draft_tokens[:num].copy(),
+            probs=self._draft_probs[:num].copy(),
+            score=float(score),
+            match_len=int(match_len),
+        )
+
+    # ------------------------------------------------------------------------ debugging
+    def check_integrity(self) -> None:
+        """Verify the invariants of ``_kernels``; raise ``AssertionError`` naming the first broken.
+
+        Walks every stored suffix again, so it costs as much as re-inserting everything.
+        """
+        nodes = self._nodes
+        high = int(self._meta[K.M_HIGH_WATER])
+        live = nodes[:high, K.F_COUNT] >= 0
+        roots = np.zeros(high, dtype=bool)
+        roots[list(self._root_of.values())] = True
+        visits = np.zeros(high, dtype=np.int64)
+        bad_seq = K.recount_occurrences(
+            nodes,
+            self._edge_keys,
+            self._edge_vals,
+            self._pool,
+            self._seq_start,
+            self._seq_len,
+            self._seq_root,
+            self._seq_alive,
+            self.max_depth,
+            visits,
+        )
+        if bad_seq >= 0:
+            raise AssertionError(f"a suffix of sequence slot {bad_seq} has no path in its tree")
+        counts = nodes[:high, K.F_COUNT].astype(np.int64)
+        wrong = np.flatnonzero(live & (counts != visits))
+        if wrong.size:
+            node = int(wrong[0])
+            raise AssertionError(f"node {node}: count {counts[node]} != {visits[node]} occurrences")
+        if int(live.sum()) != int(self._meta[K.M_LIVE_NODES]):
+            raise AssertionError("live node counter disagrees with the node pool")
+        num_edges = 0
+        for node in np.flatnonzero(live):
+            best = -1
+            tokens_seen = set()
+            child = int(nodes[node, K.F_FIRST_CHILD])
+            while child >= 0:
+                num_edges += 1
+                token = int(nodes[child, K.F_TOKEN])
+                if token in tokens_seen:
+                    raise AssertionError(f"node {node} has two children for token {token}")
+                tokens_seen.add(token)
+                if K.find_child(self._edge_keys, self._edge_vals, node, token) != child:
+                    raise AssertionError(f"edge ({node}, {token}) missing from the edge table")
+                if best < 0 or (nodes[child, K.F_COUNT], -token) > (
+                    nodes[best, K.F_COUNT],
+                    -nodes[best, K.F_TOKEN],
+                ):
+                    best = child
+                child = int(nodes[child, K.F_NEXT_SIBLING])
+            if int(nodes[node, K.F_BEST_CHILD]) != best:
+                raise AssertionError(
+                    f"node {node}: best child {nodes[node, K.F_BEST_CHILD]} != {best}"
+                )
+            if not roots[node] and counts[node] < 1:
+                raise AssertionError(f"node {node} is live with count {counts[node]}")
+            if counts[node] >= 2 and nodes[node, K.F_REF_SEQ] != -1:
+                raise AssertionError(f"node {node} has count {counts[node]} and a chain reference")
+        if num_edges != int(self._meta[K.M_LIVE_EDGES]):
+            raise AssertionError(f"{num_edges} child links but {self._meta[K.M_LIVE_EDGES]} edges")
+
+    def memory(self) -> MemoryReport:
+        """Bytes allocated by the forest's arrays, and what they hold."""
+        nodes = self._nodes.nbytes
+        edges = self._edge_keys.nbytes + self._edge_vals.nbytes
+        tokens = self._pool.nbytes
+        sequences = sum(
+            a.nbytes
+            for a in (
+                self._seq_start,
+                self._seq_len,
+                self._seq_cap,
+                self._seq_root,
+                self._seq_alive,
+                self._active_node,
+                self._active_depth,
+            )
+        )
+        return MemoryReport(
+            nodes=nodes,
+            edges=edges,
+            tokens=tokens,
+            sequences=sequences,
+            num_live_nodes=int(self._meta[K.M_LIVE_NODES]),
+            num_stored_tokens=int(self._seq_len[self._seq_alive].sum()),
+        )
+
+    # -------------------------------------------------------------------------- storage
+    def _reserve_nodes(self, extra: int) -> None:
+        needed = int(self._meta[K.M_HIGH_WATER]) + extra
+        if needed > self._nodes.shape[0]:
+            grown = np.zeros((max(needed, 2 * self._nodes.shape[0]), K.NUM_FIELDS), dtype=np.int32)
+            grown[: self._nodes.shape[0]] = self._nodes
+            self._nodes = grown
+        edges_needed = int(self._meta[K.M_LIVE_EDGES]) + extra
+        capacity = self._edge_keys.shape[0]
+        if edges_needed > _MAX_EDGE_LOAD * capacity:
+            while edges_needed > _MAX_EDGE_LOAD * capacity:
+                capacity *= 2
+            keys = np.full(capacity, K.EMPTY, dtype=np.int64)
+            vals = np.zeros(capacity, dtype=np.int32)
+            K.rehash(self._edge_keys, self._edge_vals, keys, vals)
+            self._edge_keys, self._edge_vals = keys, vals
+
+    def _reserve_sequence(self, slot: int, extra: int) -> None:
+        length = int(self._seq_len[slot])
+        if length + extra <= self._seq_cap[slot]:
+            return
+        new_cap = max(16, 2 * (length + extra))
+        if self._pool_used + new_cap > self._pool.shape[0]:
+            if self._pool_live + new_cap <= self._pool.shape[0] // 2:
+                self._compact_pool()
+            if self._pool_used + new_cap > self._pool.shape[0]:
+                grown = np.zeros(max(2 * self._pool.shape[0], self._pool_used + new_cap), np.int32)
+                grown[: self._pool_used] = self._pool[: self._pool_used]
+                self._pool = grown
+        start = int(self._seq_start[slot])
+        self._pool[self._pool_used : self._pool_used + length] = self._pool[start : start + length]
+        self._seq_start[slot] = self._pool_used
+        self._pool_used += new_cap
+        self._pool_live += new_cap - int(self._seq_cap[slot])
+        self._seq_cap[slot] = new_cap
+
+    def _compact_pool(self) -> None:
+        # References into the pool are (slot, position), so moving a sequence is invisible.
+        compacted = np.zeros_like(self._pool)
+        used = 0
+        for slot in np.flatnonzero(self._seq_alive):
+            start, length, cap = self._seq_start[slot], self._seq_len[slot], self._seq_cap[slot]
+            compacted[used : used + length] = self._pool[start : start + length]
+            self._seq_start[slot] = used
+            used += cap
+        self._pool = compacted
+        self._pool_used = used
+
+    def _grow_slots(self) -> None:
+        old = self._seq_start.shape[0]
+        new = 2 * old
+
+        def grow(array: np.ndarray, fill: int | bool) -> np.ndarray:
+            grown = np.full((new, *array.shape[1:]), fill, dtype=array.dtype)
+            grown[:old] = array
+            return grown
+
+        self._seq_start = grow(self._seq_start, 0)
+        self._seq_len = grow(self._seq_len, 0)
+        self._seq_cap = grow(self._seq_cap, 0)
+        self._seq_root = grow(self._seq_root, -1)
+        self._seq_alive = grow(self._seq_alive, False)
+        self._active_node = grow(self._active_node, 0)
+        self._active_depth = grow(self._active_depth, 0)
+        self._free_slots.extend(range(new - 1, old - 1, -1))
+
+    def _grow_draft_buffers(self, size: int) -> None:
+        self._draft_tokens = np.zeros(size, dtype=np.int32)
+        self._draft_probs = np.zeros(size, dtype=np.float64)
+        self._scratch_tokens = np.zeros(size, dtype=np.int32)
+        self._scratch_probs = np.zeros(size, dtype=np.float64)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(4, (int(n) - 1).bit_length())
+
+
+_warmed_up = False
+
+
+def warm_up_kernels() -> None:
+    """Compile (or load from numba's cache) every kernel with real inputs, once per process.
+
+    Runs each public operation on a tiny forest with the argument types of real calls, so the
+    first real append/speculate/remove pays no compilation.
+    """
+    global _warmed_up
+    if _warmed_up:
+        return
+    _warmed_up = True
+    forest = SuffixForest(max_depth=4, initial_nodes=16)
+    forest.append("a", [1, 2, 3, 1, 2, 4, 1, 2, 3])
+    forest.append("b", [2, 3, 1, 2])
+    forest.speculate([1, 2], max_tokens=4)
+    forest.remove("a")
+    forest._reserve_nodes(4 * forest._edge_keys.shape[0])  # forces a rehash
+    forest.check_integrity()

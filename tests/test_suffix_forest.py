@@ -1,0 +1,93 @@
+"""Input validation, lifecycle errors, memory reporting and warm-up of the suffix forest."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from suffix_tree import SuffixForest, SuffixTree, _kernels
+
+
+@pytest.fixture
+def forest() -> SuffixForest:
+    forest = SuffixForest(max_depth=8)
+    forest.append("s", [1, 2, 3])
+    return forest
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        ([1, -2], "negative token id -2"),
+        ([1, 2**31], "token id 2147483648 beyond int32"),
+        ([1, 2.5], "must hold integers, got 2.5"),
+        (["a"], "must hold integers, got 'a'"),
+        ("abc", "sequence of token ids"),
+        (np.array([1.0, 2.0]), "dtype float64"),
+        (np.zeros((2, 2), dtype=np.int32), "one-dimensional"),
+    ],
+)
+def test_bad_tokens_raise_value_error_naming_the_value(forest, tokens, message):
+    with pytest.raises(ValueError, match=message):
+        forest.append("s", tokens)
+    # Nothing already stored was lost or corrupted.
+    assert forest.sequence_tokens("s").tolist() == [1, 2, 3]
+    forest.check_integrity()
+
+
+def test_bad_queries_and_unknown_sequences(forest):
+    with pytest.raises(ValueError, match="max_tokens=0 must be > 0"):
+        forest.speculate([1], 0)
+    with pytest.raises(ValueError, match="max_tokens=-3"):
+        forest.speculate([1], -3)
+    with pytest.raises(ValueError, match=r"min_token_prob=1\.5"):
+        forest.speculate([1], 2, min_token_prob=1.5)
+    with pytest.raises(ValueError, match="seq_id='nope' is not in this forest"):
+        forest.remove("nope")
+    with pytest.raises(ValueError, match="belongs to tree=0, not tree='other'"):
+        forest.append("s", [4], tree="other")
+    with pytest.raises(ValueError, match="max_depth=0"):
+        SuffixForest(max_depth=0)
+    assert len(forest.speculate([], 4)) == 0  # empty context: empty draft, no error
+
+
+def test_large_token_ids_and_numpy_inputs_round_trip():
+    forest = SuffixForest(max_depth=4)
+    big = 2**31 - 1
+    forest.append(0, np.array([big, 7, big, 7], dtype=np.int64))
+    assert forest.speculate(np.array([big], dtype=np.uint32), 2).tokens.tolist() == [7, big]
+
+
+def test_memory_report_counts_what_is_stored():
+    forest = SuffixForest(max_depth=8)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        forest.append(i, rng.integers(0, 1000, size=100))
+    report = forest.memory()
+    assert report.num_stored_tokens == 1000
+    assert report.total == report.nodes + report.edges + report.tokens + report.sequences
+    # Random text: almost every suffix is unique, so chains stay implicit (few nodes per token).
+    assert report.num_live_nodes < 3 * 1000
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="tests compilation itself")
+def test_kernels_are_compiled_at_construction_and_first_call_is_fast():
+    SuffixTree(max_depth=24)
+    for kernel in (
+        _kernels.append_tokens,
+        _kernels.remove_sequence,
+        _kernels.speculate,
+        _kernels.rehash,
+        _kernels.recount_occurrences,
+    ):
+        assert kernel.signatures, f"{kernel.__name__} was not compiled by the warm-up"
+    tree = SuffixTree(max_depth=24)
+    started = time.perf_counter()
+    tree.extend(0, list(range(200)))
+    tree.speculate(list(range(10, 40)), 16)
+    tree.remove(0)
+    # Generous bound: a compile would take seconds; compiled calls take microseconds.
+    assert time.perf_counter() - started < 0.5

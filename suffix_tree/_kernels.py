@@ -24,7 +24,10 @@ Invariants (checked by :func:`recount_occurrences` through ``SuffixForest.check_
 3. A node with ``count >= 2``, or with a child, has every continuation of its occurrences
    materialized as a child. So a chain head's only reference is its own occurrence: removing a
    sequence frees its chain heads and never has to re-point another node.
-4. ``best_child[x]`` is x's child with the largest count, ties to the smallest token.
+4. ``best_child[x]`` is x's child with the largest count, ties to the smallest token, for every
+   node but a root. Drafts never start at a root (match length >= 1), so a root's best child is
+   not kept on removal: rescanning a root's children (up to the vocabulary) whenever its most
+   frequent token lost an occurrence dominated the cost of ``remove_sequence``.
 5. A node whose count reached 2 has ``ref_seq == -1`` from then on (set when it split), so no
    node ever keeps a reference to a removed sequence.
 """
@@ -63,6 +66,16 @@ def _edge_slot(parent, token, mask):
 @njit(cache=True, inline="always")
 def _edge_key(parent, token):
     return (np.int64(parent) << 32) | np.int64(token)
+
+
+@njit("boolean(int32[::1])", cache=True)
+def has_negative(tokens):
+    """Whether any token id is negative: the input check of int32 arrays, without numpy's
+    per-call reduction overhead (~2 us for ``min()`` on a short array)."""
+    for t in tokens:  # noqa: SIM110 (a plain loop compiles in numba; any(genexpr) does not)
+        if t < 0:
+            return True
+    return False
 
 
 @njit(cache=True)
@@ -329,7 +342,10 @@ def remove_sequence(
             # A node that falls back to count 1 and loses its children becomes a chain head
             # with ref_seq == -1 (invariant 5): its remaining occurrence ends at it.
             if nodes[node, F_BEST_CHILD] == child:
-                _rescan_best_child(nodes, node)
+                if node == root:
+                    nodes[root, F_BEST_CHILD] = -1  # invariant 4: not kept for roots
+                else:
+                    _rescan_best_child(nodes, node)
             node = child
     seq_len[seq] = 0
 
@@ -427,18 +443,51 @@ def speculate(
 ):
     """Best draft over every suffix match length of ``context``.
 
-    For match length m = 1, 2, ... (while the last m tokens occur in the tree, m <= max_depth),
-    walk the most frequent continuation (at most ``min(max_tokens, m * max_spec_factor)`` tokens,
-    stopping when the cumulative probability falls below ``min_token_prob`` or at depth
+    For each match length m (1 <= m <= max_depth, the last m tokens occurring in the tree),
+    walk the most frequent continuation (at most ``min(max_tokens, m * max_spec_factor)``
+    tokens, stopping when the cumulative probability falls below ``min_token_prob`` or at depth
     ``max_depth``). The draft with the highest score (sum of cumulative probabilities) wins;
     ties go to the longer match. Returns (num_tokens, match_len, score); the draft is written to
     ``out_tokens`` / ``out_probs`` (per-token conditional probabilities).
+
+    Same result as trying m = 1, 2, ... in turn, with less work: occurrence is monotone in m
+    (a suffix that occurs has all its suffixes occurring), so the longest match is found by
+    binary search; then lengths go from long to short, where a score can be at most
+    ``min(max_tokens, m * max_spec_factor, max_depth - m)``: lengths that cannot beat the best
+    strictly are skipped, and once ``min(max_tokens, m * max_spec_factor)`` cannot, no shorter
+    length can either.
     """
     length = context.shape[0]
+    low = 0  # longest length known to match (0 always does)
+    high = min(length, max_depth)
+    while low < high:
+        mid = (low + high + 1) // 2
+        node, implicit = match_context(
+            nodes,
+            edge_keys,
+            edge_vals,
+            pool,
+            seq_start,
+            seq_len,
+            root,
+            context,
+            length - mid,
+            length,
+        )
+        if node >= 0:
+            low = mid
+        else:
+            high = mid - 1
     best_num = 0
-    best_match = 0
-    best_score = -1.0
-    for match_len in range(1, min(length, max_depth) + 1):
+    best_match = low
+    best_score = 0.0 if low > 0 else -1.0
+    first = True
+    for match_len in range(low, 0, -1):
+        budget = min(max_tokens, np.int64(match_len * max_spec_factor + 1e-6))
+        if not first and budget <= best_score:
+            break
+        if not first and min(budget, max_depth - match_len) <= best_score:
+            continue
         node, implicit = match_context(
             nodes,
             edge_keys,
@@ -451,9 +500,6 @@ def speculate(
             length - match_len,
             length,
         )
-        if node < 0:
-            break
-        budget = min(max_tokens, np.int64(match_len * max_spec_factor + 1e-6))
         num, score = _walk_draft(
             nodes,
             pool,
@@ -469,12 +515,13 @@ def speculate(
             scratch_tokens,
             scratch_probs,
         )
-        if score >= best_score:
+        if first or score > best_score:
             best_score = score
             best_match = match_len
             best_num = num
             out_tokens[:num] = scratch_tokens[:num]
             out_probs[:num] = scratch_probs[:num]
+        first = False
     if best_score < 0.0:
         best_score = 0.0
     return best_num, best_match, best_score
@@ -525,3 +572,104 @@ def recount_occurrences(
                     node = child
                     visits[node] += 1
     return -1
+
+
+@njit(cache=True)
+def append_rows(
+    nodes,
+    edge_keys,
+    edge_vals,
+    meta,
+    pool,
+    seq_start,
+    seq_len,
+    seq_root,
+    active_node,
+    active_depth,
+    slots,
+    tokens,
+    offsets,
+    max_depth,
+):
+    """Append ``tokens[offsets[i]:offsets[i + 1]]`` to sequence slot ``slots[i]``, for every i.
+
+    Same preconditions as :func:`append_tokens`, for all rows together.
+    """
+    for i in range(slots.shape[0]):
+        if offsets[i + 1] > offsets[i]:
+            slot = slots[i]
+            append_tokens(
+                nodes,
+                edge_keys,
+                edge_vals,
+                meta,
+                pool,
+                seq_start,
+                seq_len,
+                active_node,
+                active_depth,
+                slot,
+                seq_root[slot],
+                tokens[offsets[i] : offsets[i + 1]],
+                max_depth,
+            )
+
+
+@njit(cache=True)
+def speculate_rows(
+    nodes,
+    edge_keys,
+    edge_vals,
+    pool,
+    seq_start,
+    seq_len,
+    roots,
+    context_slots,
+    max_tokens,
+    max_depth,
+    min_token_prob,
+    max_spec_factor,
+    out_tokens,
+    out_probs,
+    out_num,
+    out_score,
+    out_match,
+    scratch_tokens,
+    scratch_probs,
+):
+    """Row i: :func:`speculate` in the tree at ``roots[i]`` with the context taken from the last
+    ``max_depth`` tokens of sequence slot ``context_slots[i]``. A negative root or a budget of 0
+    gives an empty draft."""
+    for i in range(roots.shape[0]):
+        out_num[i] = 0
+        out_score[i] = 0.0
+        out_match[i] = 0
+        root = roots[i]
+        if root < 0 or max_tokens[i] <= 0:
+            continue
+        slot = context_slots[i]
+        end = seq_start[slot] + seq_len[slot]
+        begin = max(seq_start[slot], end - max_depth)
+        if end == begin:
+            continue
+        num, match_len, score = speculate(
+            nodes,
+            edge_keys,
+            edge_vals,
+            pool,
+            seq_start,
+            seq_len,
+            root,
+            pool[begin:end],
+            max_depth,
+            max_tokens[i],
+            min_token_prob,
+            max_spec_factor,
+            out_tokens[i],
+            out_probs[i],
+            scratch_tokens,
+            scratch_probs,
+        )
+        out_num[i] = num
+        out_score[i] = score
+        out_match[i] = match_len

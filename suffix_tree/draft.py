@@ -33,3 +33,32 @@ class Draft:
     @property
     def cumulative_probs(self) -> np.ndarray:
         return np.cumprod(self.probs)
+
+
+@dataclass(frozen=True, slots=True)
+class DraftBatch:
+    """Drafts of many rows at once (row i: ``tokens[i, :num_tokens[i]]``)."""
+
+    tokens: np.ndarray  # int32 [rows, max_tokens]
+    probs: np.ndarray  # float64 [rows, max_tokens], per-token conditional probabilities
+    num_tokens: np.ndarray  # int64 [rows]
+    scores: np.ndarray  # float64 [rows]
+    match_lens: np.ndarray  # int64 [rows]
+
+    def __len__(self) -> int:
+        return int(self.num_tokens.shape[0])
+
+    def row(self, i: int) -> Draft:
+        num = int(self.num_tokens[i])
+        return Draft(
+            self.tokens[i, :num].copy(),
+            self.probs[i, :num].copy(),
+            float(self.scores[i]),
+            int(self.match_lens[i]),
+        )
+
+    def cumulative_probs(self) -> np.ndarray:
+        """[rows, max_tokens] cumulative acceptance probabilities, 0 past each row's draft."""
+        cumulative = np.cumprod(self.probs, axis=1)
+        mask = np.arange(self.probs.shape[1])[None, :] < self.num_tokens[:, None]
+        return np.where(mask, cumulative, 0.0)

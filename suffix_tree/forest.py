@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from suffix_tree import _kernels as K
-from suffix_tree.draft import Draft
+from suffix_tree.draft import Draft, DraftBatch
 from suffix_tree.validation import check_positive_int, check_probability, to_token_array
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class SuffixForest:
         self._slot_of: dict[Hashable, int] = {}
         self._tree_of_seq: dict[Hashable, Hashable] = {}
         self._root_of: dict[Hashable, int] = {}
-        self._num_seqs_in_tree: dict[Hashable, int] = {}
+        self._seqs_in_tree: dict[Hashable, set[Hashable]] = {}
         self._draft_tokens = np.zeros(64, dtype=np.int32)
         self._draft_probs = np.zeros(64, dtype=np.float64)
         self._scratch_tokens = np.zeros(64, dtype=np.int32)
@@ -98,7 +99,7 @@ class SuffixForest:
         return list(self._root_of)
 
     def num_sequences_in(self, tree: Hashable) -> int:
-        return self._num_seqs_in_tree.get(tree, 0)
+        return len(self._seqs_in_tree.get(tree, ()))
 
     def sequence_ids(self) -> list[Hashable]:
         return list(self._slot_of)
@@ -109,17 +110,17 @@ class SuffixForest:
             self._reserve_nodes(1)
             root = int(K.alloc_node(self._nodes, self._meta, -1, -1, 0))
             self._root_of[tree] = root
-            self._num_seqs_in_tree[tree] = 0
+            self._seqs_in_tree[tree] = set()
         return root
 
     def drop_tree(self, tree: Hashable) -> None:
         """Remove every sequence of ``tree`` and free its root."""
         if tree not in self._root_of:
             raise ValueError(f"tree={tree!r} is not in this forest")
-        for seq_id in [s for s, t in self._tree_of_seq.items() if t == tree]:
+        for seq_id in list(self._seqs_in_tree[tree]):
             self.remove(seq_id)
         K.free_node(self._nodes, self._meta, self._root_of.pop(tree))
-        del self._num_seqs_in_tree[tree]
+        del self._seqs_in_tree[tree]
 
     # ------------------------------------------------------------------------- sequences
     def has_sequence(self, seq_id: Hashable) -> bool:
@@ -195,7 +196,7 @@ class SuffixForest:
         self._seq_alive[slot] = False
         self._seq_root[slot] = -1
         self._free_slots.append(slot)
-        self._num_seqs_in_tree[tree] -= 1
+        self._seqs_in_tree[tree].discard(seq_id)
 
     def _slot(self, seq_id: Hashable) -> int:
         slot = self._slot_of.get(seq_id)
@@ -210,7 +211,7 @@ class SuffixForest:
         root = self._root(tree)
         self._slot_of[seq_id] = slot
         self._tree_of_seq[seq_id] = tree
-        self._num_seqs_in_tree[tree] += 1
+        self._seqs_in_tree[tree].add(seq_id)
         self._seq_alive[slot] = True
         self._seq_root[slot] = root
         self._seq_len[slot] = 0
@@ -273,6 +274,117 @@ class SuffixForest:
             match_len=int(match_len),
         )
 
+    # ---------------------------------------------------------------------- batch APIs
+    # Handles are the internal ints behind ids: a sequence's slot (valid until it is removed) and
+    # a tree's root (valid until the tree is dropped). Engines that call every decode step use
+    # these to drive whole batches through one kernel call.
+    def sequence_handle(self, seq_id: Hashable) -> int:
+        """The slot of ``seq_id``, for :meth:`append_many` and :meth:`speculate_many`."""
+        return self._slot(seq_id)
+
+    def tree_handle(self, tree: Hashable) -> int:
+        """The root of ``tree``, or -1 if it does not exist (drafts from -1 are empty)."""
+        return self._root_of.get(tree, -1)
+
+    def append_many(self, slots: np.ndarray, tokens: np.ndarray, offsets: np.ndarray) -> None:
+        """Append ``tokens[offsets[i]:offsets[i + 1]]`` to the sequence with slot ``slots[i]``."""
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        tokens = to_token_array(tokens, "tokens")
+        if offsets.shape != (slots.shape[0] + 1,) or offsets[0] != 0 or offsets[-1] != tokens.size:
+            raise ValueError(f"offsets={offsets!r} must run from 0 to len(tokens) per slot")
+        if np.any(np.diff(offsets) < 0):
+            raise ValueError(f"offsets={offsets!r} must be non-decreasing")
+        if slots.size and (slots.min() < 0 or not self._seq_alive[slots].all()):
+            raise ValueError(f"slots={slots!r} holds a slot that is not a live sequence")
+        if np.unique(slots).size != slots.size:
+            raise ValueError(f"slots={slots!r} holds a slot twice")
+        counts = np.diff(offsets)
+        grow = np.flatnonzero(self._seq_len[slots] + counts > self._seq_cap[slots])
+        for row in grow:
+            self._reserve_sequence(int(slots[row]), int(counts[row]))
+        # Rows in groups of at most _APPEND_CHUNK * 16 tokens bound the node reservation.
+        group_starts = np.searchsorted(offsets, np.arange(0, tokens.size, _APPEND_CHUNK * 16))
+        bounds = [*sorted(set(group_starts.tolist()) | {0}), slots.size]
+        for first, last in itertools.pairwise(bounds):
+            if last > first:
+                self._append_rows(slots[first:last], tokens, offsets[first : last + 1])
+
+    def _append_rows(self, slots: np.ndarray, tokens: np.ndarray, offsets: np.ndarray) -> None:
+        self._reserve_nodes(2 * self.max_depth * int(offsets[-1] - offsets[0]))
+        K.append_rows(
+            self._nodes,
+            self._edge_keys,
+            self._edge_vals,
+            self._meta,
+            self._pool,
+            self._seq_start,
+            self._seq_len,
+            self._seq_root,
+            self._active_node,
+            self._active_depth,
+            slots,
+            tokens,
+            offsets,
+            self.max_depth,
+        )
+
+    def speculate_many(
+        self,
+        roots: np.ndarray,
+        context_slots: np.ndarray,
+        max_tokens: np.ndarray,
+        min_token_prob: float = 0.1,
+        max_spec_factor: float | None = None,
+    ) -> DraftBatch:
+        """Row i: :meth:`speculate` in the tree ``roots[i]``, with the last ``max_depth`` tokens
+        of sequence ``context_slots[i]`` as context and ``max_tokens[i]`` (0 = no draft)."""
+        roots = np.ascontiguousarray(roots, dtype=np.int64)
+        context_slots = np.ascontiguousarray(context_slots, dtype=np.int64)
+        max_tokens = np.ascontiguousarray(max_tokens, dtype=np.int64)
+        rows = roots.shape[0]
+        if context_slots.shape != (rows,) or max_tokens.shape != (rows,):
+            raise ValueError("roots, context_slots and max_tokens must have one entry per row")
+        if rows and (max_tokens.min() < 0):
+            raise ValueError(f"max_tokens={max_tokens!r} must be >= 0")
+        if rows and (context_slots.min() < 0 or not self._seq_alive[context_slots].all()):
+            raise ValueError(f"context_slots={context_slots!r} holds a slot that is not live")
+        check_probability(min_token_prob, "min_token_prob")
+        factor = _NO_FACTOR_LIMIT if max_spec_factor is None else float(max_spec_factor)
+        width = int(max_tokens.max()) if rows else 0
+        if width > self._scratch_tokens.shape[0]:
+            self._grow_draft_buffers(width)
+        batch = DraftBatch(
+            tokens=np.zeros((rows, width), dtype=np.int32),
+            probs=np.zeros((rows, width), dtype=np.float64),
+            num_tokens=np.zeros(rows, dtype=np.int64),
+            scores=np.zeros(rows, dtype=np.float64),
+            match_lens=np.zeros(rows, dtype=np.int64),
+        )
+        if rows:
+            K.speculate_rows(
+                self._nodes,
+                self._edge_keys,
+                self._edge_vals,
+                self._pool,
+                self._seq_start,
+                self._seq_len,
+                roots,
+                context_slots,
+                max_tokens,
+                self.max_depth,
+                min_token_prob,
+                factor,
+                batch.tokens,
+                batch.probs,
+                batch.num_tokens,
+                batch.scores,
+                batch.match_lens,
+                self._scratch_tokens,
+                self._scratch_probs,
+            )
+        return batch
+
     # ------------------------------------------------------------------------ debugging
     def check_integrity(self) -> None:
         """Verify the invariants of ``_kernels``; raise ``AssertionError`` naming the first broken.
@@ -325,7 +437,7 @@ class SuffixForest:
                 ):
                     best = child
                 child = int(nodes[child, K.F_NEXT_SIBLING])
-            if int(nodes[node, K.F_BEST_CHILD]) != best:
+            if not roots[node] and int(nodes[node, K.F_BEST_CHILD]) != best:
                 raise AssertionError(
                     f"node {node}: best child {nodes[node, K.F_BEST_CHILD]} != {best}"
                 )
@@ -456,6 +568,11 @@ def warm_up_kernels() -> None:
     forest.append("a", [1, 2, 3, 1, 2, 4, 1, 2, 3])
     forest.append("b", [2, 3, 1, 2])
     forest.speculate([1, 2], max_tokens=4)
+    slot_b = forest.sequence_handle("b")
+    forest.append_many(np.array([slot_b]), np.array([3, 1], np.int32), np.array([0, 2]))
+    forest.speculate_many(
+        np.array([forest.tree_handle(0)]), np.array([slot_b]), np.array([3]), min_token_prob=0.0
+    )
     forest.remove("a")
     forest._reserve_nodes(4 * forest._edge_keys.shape[0])  # forces a rehash
     forest.check_integrity()

@@ -6,11 +6,21 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from suffix_tree._kernels import has_negative
+
 INT32_MAX = np.iinfo(np.int32).max
 
 
 def to_token_array(tokens: Iterable[int] | np.ndarray, name: str) -> np.ndarray:
     """Return ``tokens`` as a contiguous int32 array; ``ValueError`` naming any bad value."""
+    if type(tokens) is np.ndarray and tokens.dtype == np.int32 and tokens.ndim == 1:
+        # Fast path for the hot case (habit 4: int32 arrays in): the exact type the kernels are
+        # compiled for, so no copy and only the negative check; same result and errors as below.
+        flags = tokens.flags
+        if flags.c_contiguous and flags.writeable and flags.aligned:
+            if has_negative(tokens):
+                raise ValueError(f"{name} holds a negative token id {int(tokens.min())}")
+            return tokens
     if isinstance(tokens, np.ndarray):
         array = tokens
     else:

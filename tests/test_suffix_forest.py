@@ -91,3 +91,50 @@ def test_kernels_are_compiled_at_construction_and_first_call_is_fast():
     tree.remove(0)
     # Generous bound: a compile would take seconds; compiled calls take microseconds.
     assert time.perf_counter() - started < 0.5
+
+
+def test_batch_apis_match_one_at_a_time_calls():
+    rng = np.random.default_rng(3)
+    one, many = SuffixForest(max_depth=6), SuffixForest(max_depth=6)
+    prompts = {i: rng.integers(0, 6, size=int(rng.integers(1, 12))) for i in range(8)}
+    for i, tokens in prompts.items():
+        one.append(i, tokens, tree=i % 3)
+        many.append(i, tokens, tree=i % 3)
+    for _ in range(5):  # engine-like steps: a few tokens per row, then drafts for every row
+        chunks = {i: rng.integers(0, 6, size=int(rng.integers(0, 4))) for i in prompts}
+        for i, chunk in chunks.items():
+            one.append(i, chunk, tree=i % 3)
+        slots = np.array([many.sequence_handle(i) for i in prompts])
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks.values()])])
+        many.append_many(slots, np.concatenate(list(chunks.values())), offsets)
+        roots = np.array([many.tree_handle(i % 3) for i in prompts])
+        budgets = rng.integers(0, 5, size=len(prompts))
+        batch = many.speculate_many(roots, slots, budgets, min_token_prob=0.0)
+        for row, i in enumerate(prompts):
+            context = one.sequence_tokens(i)[-6:]
+            expected = (
+                one.speculate(context, int(budgets[row]), tree=i % 3, min_token_prob=0.0)
+                if budgets[row] > 0
+                else None
+            )
+            got = batch.row(row)
+            if expected is None:
+                assert len(got) == 0
+            else:
+                assert got.tokens.tolist() == expected.tokens.tolist()
+                assert got.score == pytest.approx(expected.score)
+                assert got.match_len == expected.match_len
+        many.check_integrity()
+
+
+def test_batch_apis_reject_bad_handles():
+    forest = SuffixForest(max_depth=4)
+    forest.append("a", [1, 2])
+    slot = forest.sequence_handle("a")
+    with pytest.raises(ValueError, match="not a live sequence"):
+        forest.append_many(np.array([slot + 1]), np.array([1], np.int32), np.array([0, 1]))
+    with pytest.raises(ValueError, match="offsets="):
+        forest.append_many(np.array([slot]), np.array([1], np.int32), np.array([0, 2]))
+    with pytest.raises(ValueError, match="max_tokens="):
+        forest.speculate_many(np.array([0]), np.array([slot]), np.array([-1]))
+    assert forest.sequence_tokens("a").tolist() == [1, 2]

@@ -1,0 +1,76 @@
+"""DAS settings: one frozen, validated dataclass, built from keyword arguments or a dict."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+POLICIES = ("fixed", "length_class", "cost_model")
+
+
+@dataclass(frozen=True)
+class DASConfig:
+    """Settings of the DAS drafter.
+
+    Attributes:
+        num_speculative_tokens: upper bound on draft tokens per request per step (vLLM's K).
+        max_depth: depth bound of every suffix tree (longest match plus draft).
+        window_steps: a prompt's history keeps the rollouts of its last ``window_steps`` steps.
+        min_token_prob: a draft stops when its cumulative probability falls below this.
+        use_prompt_history: draft from the tree of the prompt's recent rollouts (with the live
+            tokens of sibling samples of the current step).
+        use_own_context: draft from the request's own prompt and output.
+        use_global_tree: draft from one tree of all recent rollouts of every prompt.
+        policy: draft budget policy: ``fixed`` (always K), ``length_class`` (the paper's long /
+            medium / short buckets) or ``cost_model`` (maximise expected tokens per unit of
+            modelled step time).
+        max_history_tokens: bound on tokens kept in history; the oldest steps go first.
+        max_spec_factor: a draft continuing a match of m tokens has at most
+            ``m * max_spec_factor`` tokens (as vLLM's suffix method): short matches in unseen
+            text draft little, where the tree's count ratios are least trustworthy.
+        calibrate: scale each source's draft probabilities by its observed acceptance
+            (accepted / expected tokens over recent drafts) before choosing sources and budgets.
+    """
+
+    num_speculative_tokens: int = 16
+    max_depth: int = 24
+    window_steps: int = 5
+    min_token_prob: float = 0.1
+    use_prompt_history: bool = True
+    use_own_context: bool = True
+    use_global_tree: bool = True
+    policy: str = "cost_model"
+    max_history_tokens: int = 50_000_000
+    max_spec_factor: float = 1.0
+    calibrate: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_speculative_tokens", "max_depth", "window_steps", "max_history_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not 0.0 <= float(self.min_token_prob) <= 1.0:
+            raise ValueError(f"min_token_prob={self.min_token_prob!r} must be in [0, 1]")
+        if not float(self.max_spec_factor) > 0:
+            raise ValueError(f"max_spec_factor={self.max_spec_factor!r} must be > 0")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy={self.policy!r} must be one of {POLICIES}")
+        if not (self.use_prompt_history or self.use_own_context or self.use_global_tree):
+            raise ValueError(
+                "at least one of use_prompt_history, use_own_context, use_global_tree must be true"
+            )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> DASConfig:
+        """Build from a mapping, naming any unknown key (as vLLM's own configs do)."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown DAS config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,429 @@
+"""The DAS drafter: suffix trees over recent rollouts of the same prompt, plus a budget policy.
+
+Any engine drives it through one lifecycle per request::
+
+    drafter.begin_step(step)                       # once per RL step (one generate() call)
+    key = drafter.start_request(rid, prompt_tokens, prompt_key=None)
+    proposal = drafter.propose([rid, ...])         # every decode iteration
+    drafter.extend_request(rid, accepted_tokens)   # tokens the target accepted
+    drafter.finish_request(rid, "stop")            # or abort_request(rid)
+
+Draft sources per request (best score wins, see ``SOURCES``): the prompt's history tree (recent
+steps' responses plus live tokens of this step's sibling samples), the global tree of all recent
+responses, and the request's own prompt + output. Only rollouts that truly finished (stop or
+length) enter history; aborted ones are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from das.config import DASConfig
+from policies.budget import BatchView, BudgetPolicy, LengthClass, LengthClassPolicy
+from policies.cost_model import OnlineCostFitter, StepCostModel
+from rollouts.history import GLOBAL_TREE, HistoryStore, prompt_tree
+from rollouts.trace import prompt_key_for
+from suffix_tree import SuffixForest
+from suffix_tree.draft import DraftBatch
+from suffix_tree.validation import to_token_array
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("prompt", "global", "own")  # order = preference on equal scores
+FINISHED_REASONS = ("stop", "length")
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """Drafts for a batch, already cut to the policy's budgets."""
+
+    drafts: DraftBatch
+    sources: np.ndarray  # int8 [rows]: index into SOURCES, -1 for an empty draft
+    budgets: np.ndarray  # int64 [rows]
+
+    def draft_tokens(self) -> list[list[int]]:
+        """Drafts as vLLM wants them: one list of token ids per row."""
+        tokens = self.drafts.tokens
+        return [tokens[i, :n].tolist() for i, n in enumerate(self.drafts.num_tokens)]
+
+
+@dataclass(slots=True)
+class _Request:
+    prompt_key: str
+    own_id: tuple
+    live_id: tuple | None
+    num_prompt_tokens: int
+    num_generated: int = 0
+    # The last draft proposed and not yet resolved by extend: tokens, source, expected accepted.
+    pending_tokens: np.ndarray | None = None
+    pending_source: int = -1
+    pending_bucket: int = 0
+    pending_expected: float = 0.0
+
+
+NUM_MATCH_BUCKETS = 5  # match lengths 1, 2-3, 4-7, 8-15, 16+
+
+
+def match_bucket(match_lens: np.ndarray) -> np.ndarray:
+    """Bucket of a match length: floor(log2(m)), capped."""
+    return np.minimum(np.log2(np.maximum(match_lens, 1)).astype(np.int64), NUM_MATCH_BUCKETS - 1)
+
+
+class AcceptanceCalibration:
+    """Per (source, match-length bucket): accepted draft tokens / expected tokens.
+
+    The tree's count ratios are overconfident where counts are small (a count-1 chain says
+    probability 1), and how much so depends on the source and on how long the match was: a
+    one-token match in unseen text is noise, a 16-token match in the prompt's history is not.
+    Multiplying by the observed ratio makes scores comparable across sources and gives the
+    cost-model policy honest expectations. Sums decay at every step, so a bucket that stopped
+    being drafted drifts back to the prior (1) and gets explored again.
+    """
+
+    def __init__(self, num_sources: int, prior: float = 8.0, decay: float = 0.5) -> None:
+        self.prior = prior
+        self.decay = decay
+        self.accepted = np.zeros((num_sources, NUM_MATCH_BUCKETS))
+        self.expected = np.zeros((num_sources, NUM_MATCH_BUCKETS))
+
+    def factors(self) -> np.ndarray:
+        """[source, bucket] multipliers of draft probabilities."""
+        return (self.accepted + self.prior) / (self.expected + self.prior)
+
+    def new_step(self) -> None:
+        self.accepted *= self.decay
+        self.expected *= self.decay
+
+
+@dataclass
+class DrafterStats:
+    """Counters since construction (or the last :meth:`reset`)."""
+
+    num_proposals: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    wins_by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
+    tokens_by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
+    num_failures: int = 0
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class DASDrafter:
+    """Drafts from the rollouts that the same prompts produced in recent steps."""
+
+    def __init__(
+        self,
+        config: DASConfig | None = None,
+        policy: BudgetPolicy | None = None,
+        cost: StepCostModel | OnlineCostFitter | None = None,
+        length_classes: LengthClassPolicy | None = None,
+    ) -> None:
+        """``policy`` sets per-request budgets each iteration (None: always the full K), with
+        ``cost`` as its step cost model; ``length_classes`` ranks prompts by history length."""
+        self.config = config or DASConfig()
+        self.policy = policy
+        self.cost = cost
+        self.length_classes = length_classes or LengthClassPolicy()
+        self._class_of: dict[str, LengthClass] = {}
+        self._mean_length_of: dict[str, float] = {}  # history's mean lengths, per step
+        self.forest = SuffixForest(max_depth=self.config.max_depth)
+        self.history = HistoryStore(
+            self.forest,
+            window_steps=self.config.window_steps,
+            use_global_tree=self.config.use_global_tree,
+            max_tokens=self.config.max_history_tokens,
+        )
+        self.step = 0
+        self.stats = DrafterStats()
+        self._requests: dict[Hashable, _Request] = {}
+        self._num_started = 0
+        self.calibration = AcceptanceCalibration(len(SOURCES))
+        enabled = (
+            self.config.use_prompt_history,
+            self.config.use_global_tree,
+            self.config.use_own_context,
+        )
+        self._enabled_sources = [i for i, on in enumerate(enabled) if on]
+
+    # ------------------------------------------------------------------------ lifecycle
+    def begin_step(self, step: int | None = None) -> int:
+        """Start RL step ``step`` (default: the next one); evicts history outside the window."""
+        self.step = self.step + 1 if step is None else int(step)
+        self.history.begin_step(self.step)
+        self.calibration.new_step()
+        self._mean_length_of = self.history.mean_lengths()
+        self._class_of = self.length_classes.classify(self._mean_length_of)
+        return self.step
+
+    def start_request(
+        self,
+        request_id: Hashable,
+        prompt_tokens: Iterable[int] | np.ndarray,
+        prompt_key: str | None = None,
+    ) -> str:
+        """Register a request; returns its prompt key (a hash of the prompt unless given)."""
+        if request_id in self._requests:
+            raise ValueError(f"request_id={request_id!r} is already running")
+        prompt = to_token_array(prompt_tokens, "prompt_tokens")
+        if prompt.size == 0:
+            raise ValueError(f"request_id={request_id!r} has an empty prompt")
+        key = prompt_key if prompt_key is not None else prompt_key_for(prompt)
+        own_id = ("own", request_id)
+        self.forest.append(own_id, prompt, tree=own_id)
+        live_id = None
+        if self.config.use_prompt_history:
+            live_id = ("live", self._num_started)  # unique even if an engine reuses ids
+            self.forest.append(live_id, (), tree=prompt_tree(key))
+        self._num_started += 1
+        self._requests[request_id] = _Request(key, own_id, live_id, int(prompt.size))
+        return key
+
+    def extend_request(self, request_id: Hashable, tokens: Iterable[int] | np.ndarray) -> None:
+        """Append tokens the target produced (accepted drafts and the bonus token)."""
+        self.extend_many([request_id], [tokens])
+
+    def extend_many(
+        self, request_ids: Sequence[Hashable], tokens: Sequence[Iterable[int] | np.ndarray]
+    ) -> None:
+        """:meth:`extend_request` for many requests in one kernel call."""
+        if len(request_ids) != len(tokens):
+            raise ValueError(f"{len(request_ids)} request ids but {len(tokens)} token lists")
+        arrays = [to_token_array(t, "tokens") for t in tokens]
+        requests = [self._request(rid) for rid in request_ids]
+        slots = []
+        chunks = []
+        self._resolve_pending(requests, arrays)
+        for request, array in zip(requests, arrays, strict=True):
+            request.num_generated += int(array.size)
+            slots.append(self.forest.sequence_handle(request.own_id))
+            chunks.append(array)
+            if request.live_id is not None:
+                slots.append(self.forest.sequence_handle(request.live_id))
+                chunks.append(array)
+        if not slots:
+            return
+        offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum([c.size for c in chunks], out=offsets[1:])
+        self.forest.append_many(np.asarray(slots), np.concatenate(chunks), offsets)
+
+    def _resolve_pending(self, requests: list[_Request], produced: list[np.ndarray]) -> None:
+        # Score each request's last draft against what the target produced: the accepted
+        # prefix feeds the stats and the calibration of the draft's (source, bucket).
+        rows = [i for i, r in enumerate(requests) if r.pending_tokens is not None]
+        if not rows:
+            return
+        k = self.config.num_speculative_tokens
+        drafts = np.full((len(rows), k), -1, np.int64)
+        truth = np.full((len(rows), k), -2, np.int64)
+        for row, i in enumerate(rows):
+            draft = requests[i].pending_tokens
+            drafts[row, : draft.size] = draft
+            n = min(k, produced[i].size)
+            truth[row, :n] = produced[i][:n]
+        accepted = np.cumprod(drafts == truth, axis=1).sum(axis=1)
+        sources = np.array([requests[i].pending_source for i in rows])
+        buckets = np.array([requests[i].pending_bucket for i in rows])
+        expected = np.array([requests[i].pending_expected for i in rows])
+        np.add.at(self.calibration.accepted, (sources, buckets), accepted)
+        np.add.at(self.calibration.expected, (sources, buckets), expected)
+        self.stats.num_accepted_tokens += int(accepted.sum())
+        for i in rows:
+            requests[i].pending_tokens = None
+
+    def finish_request(
+        self,
+        request_id: Hashable,
+        finish_reason: str,
+        stop_token_ids: Iterable[int] = (),
+    ) -> None:
+        """End a request. ``stop``/``length`` rollouts enter history, anything else is dropped.
+
+        Tokens after the first stop token are trimmed before the rollout is kept.
+        """
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            raise ValueError(f"request_id={request_id!r} is not running")
+        if finish_reason not in FINISHED_REASONS:
+            self._discard(request)
+            return
+        own = self.forest.sequence_tokens(request.own_id)
+        response = own[request.num_prompt_tokens :]
+        stops = np.flatnonzero(np.isin(response, np.fromiter(stop_token_ids, dtype=np.int64)))
+        if stops.size:
+            response = response[: stops[0] + 1]
+        self.forest.drop_tree(request.own_id)
+        if request.live_id is not None and len(response) == self.forest.sequence_length(
+            request.live_id
+        ):
+            self.history.adopt_live(request.prompt_key, self.step, request.live_id)
+        else:
+            if request.live_id is not None:
+                self.forest.remove(request.live_id)
+            self.history.add_rollout(request.prompt_key, self.step, response)
+
+    def abort_request(self, request_id: Hashable) -> None:
+        """Drop a request that did not finish (aborted, preempted for good): no history."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            raise ValueError(f"request_id={request_id!r} is not running")
+        self._discard(request)
+
+    def _discard(self, request: _Request) -> None:
+        self.forest.drop_tree(request.own_id)
+        if request.live_id is not None:
+            self.forest.remove(request.live_id)
+
+    def _request(self, request_id: Hashable) -> _Request:
+        request = self._requests.get(request_id)
+        if request is None:
+            raise ValueError(f"request_id={request_id!r} is not running")
+        return request
+
+    @property
+    def num_running(self) -> int:
+        return len(self._requests)
+
+    def prompt_key(self, request_id: Hashable) -> str:
+        return self._request(request_id).prompt_key
+
+    # ------------------------------------------------------------------------- drafting
+    def propose(
+        self, request_ids: Sequence[Hashable], max_tokens: np.ndarray | int | None = None
+    ) -> Proposal:
+        """Drafts for a batch: best source per request, cut to the policy's budgets.
+
+        ``max_tokens`` caps each request's draft (default: ``num_speculative_tokens``). Any
+        failure inside the drafter gives empty drafts (no speculation), never a wrong token.
+        """
+        rows = len(request_ids)
+        k = self.config.num_speculative_tokens
+        caps = (
+            np.full(rows, k, np.int64)
+            if max_tokens is None
+            else np.broadcast_to(
+                np.minimum(np.asarray(max_tokens, dtype=np.int64), k), (rows,)
+            ).copy()
+        )
+        try:
+            return self._propose(request_ids, caps)
+        except Exception:
+            self.stats.num_failures += 1
+            logger.exception("DAS drafter failed; no speculation for this batch")
+            return _empty_proposal(rows, k)
+
+    def _propose(self, request_ids: Sequence[Hashable], caps: np.ndarray) -> Proposal:
+        rows = len(request_ids)
+        k = self.config.num_speculative_tokens
+        requests = [self._request(rid) for rid in request_ids]
+        context_slots = np.fromiter(
+            (self.forest.sequence_handle(r.own_id) for r in requests), np.int64, rows
+        )
+        batches: list[DraftBatch | None] = [None] * len(SOURCES)
+        for source in self._enabled_sources:
+            roots = np.fromiter((self._root(source, r) for r in requests), np.int64, rows)
+            batches[source] = self.forest.speculate_many(
+                roots,
+                context_slots,
+                caps,
+                min_token_prob=self.config.min_token_prob,
+                max_spec_factor=self.config.max_spec_factor,
+            )
+        factors = self.calibration.factors()
+        if not self.config.calibrate:
+            factors = np.ones_like(factors)
+        scores = np.full((len(SOURCES), rows), -1.0)
+        for source in self._enabled_sources:
+            batch = batches[source]
+            scores[source] = batch.scores * factors[source, match_bucket(batch.match_lens)]
+        chosen = np.argmax(scores, axis=0)  # first maximum: SOURCES order breaks ties
+        drafts = _gather(batches, chosen, rows, k)
+        buckets = match_bucket(drafts.match_lens)
+        # Calibrated cumulative probabilities: what the policy and the calibration work from.
+        cumulative = np.minimum(drafts.cumulative_probs() * factors[chosen, buckets][:, None], 1.0)
+        sources = np.where(drafts.num_tokens > 0, chosen, -1).astype(np.int8)
+        budgets = caps
+        if self.policy is not None and rows:
+            budgets = np.minimum(self._policy_budgets(requests, drafts, cumulative), caps)
+        np.minimum(drafts.num_tokens, budgets, out=drafts.num_tokens)
+        sources[drafts.num_tokens == 0] = -1
+        for i in np.flatnonzero(sources >= 0):
+            request = requests[i]
+            num = drafts.num_tokens[i]
+            request.pending_tokens = drafts.tokens[i, :num].copy()
+            request.pending_source = int(sources[i])
+            request.pending_bucket = int(buckets[i])
+            request.pending_expected = float(cumulative[i, :num].sum())
+        self._count(drafts, sources)
+        return Proposal(drafts, sources, budgets)
+
+    def _policy_budgets(
+        self, requests: list[_Request], drafts: DraftBatch, cumulative: np.ndarray
+    ) -> np.ndarray:
+        rows = len(requests)
+        default_class = self.length_classes.unknown_class
+        batch = BatchView(
+            generated_tokens=np.fromiter((r.num_generated for r in requests), np.int64, rows),
+            cumulative_probs=cumulative,
+            length_classes=[self._class_of.get(r.prompt_key, default_class) for r in requests],
+            expected_lengths=np.array(
+                [self._mean_length_of.get(r.prompt_key, np.nan) for r in requests]
+            ),
+            context_tokens=np.fromiter(
+                (r.num_prompt_tokens + r.num_generated for r in requests), np.int64, rows
+            ),
+        )
+        cost = self.cost.model if isinstance(self.cost, OnlineCostFitter) else self.cost
+        return np.asarray(self.policy.batch_budgets(batch, cost), dtype=np.int64)
+
+    def _root(self, source: int, request: _Request) -> int:
+        if source == 0:
+            return self.forest.tree_handle(prompt_tree(request.prompt_key))
+        if source == 1:
+            return self.forest.tree_handle(GLOBAL_TREE)
+        return self.forest.tree_handle(request.own_id)
+
+    def _count(self, drafts: DraftBatch, sources: np.ndarray) -> None:
+        self.stats.num_proposals += len(drafts)
+        self.stats.num_draft_tokens += int(drafts.num_tokens.sum())
+        for index, name in enumerate(SOURCES):
+            mask = sources == index
+            self.stats.wins_by_source[name] += int(mask.sum())
+            self.stats.tokens_by_source[name] += int(drafts.num_tokens[mask].sum())
+
+
+def _gather(batches: list[DraftBatch | None], chosen: np.ndarray, rows: int, k: int) -> DraftBatch:
+    tokens = np.zeros((rows, k), np.int32)
+    probs = np.zeros((rows, k), np.float64)
+    num = np.zeros(rows, np.int64)
+    scores = np.zeros(rows, np.float64)
+    match = np.zeros(rows, np.int64)
+    for source, batch in enumerate(batches):
+        if batch is None:
+            continue
+        mask = chosen == source
+        if not mask.any():
+            continue
+        width = batch.tokens.shape[1]
+        tokens[mask, :width] = batch.tokens[mask]
+        probs[mask, :width] = batch.probs[mask]
+        num[mask] = batch.num_tokens[mask]
+        scores[mask] = batch.scores[mask]
+        match[mask] = batch.match_lens[mask]
+    return DraftBatch(tokens, probs, num, scores, match)
+
+
+def _empty_proposal(rows: int, k: int) -> Proposal:
+    empty = DraftBatch(
+        np.zeros((rows, k), np.int32),
+        np.zeros((rows, k), np.float64),
+        np.zeros(rows, np.int64),
+        np.zeros(rows, np.float64),
+        np.zeros(rows, np.int64),
+    )
+    return Proposal(empty, np.full(rows, -1, np.int8), np.zeros(rows, np.int64))

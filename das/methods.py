@@ -1,0 +1,60 @@
+"""The drafting methods compared by the replay and the live benchmark, built by name."""
+
+from __future__ import annotations
+
+from das.config import DASConfig
+from das.drafter import DASDrafter
+from das.ngram import NgramDrafter
+from policies.budget import CostModelPolicy, LengthClassBudgetPolicy
+from policies.cost_model import StepCostModel
+
+METHODS = (
+    "none",
+    "ngram",
+    "suffix_global",
+    "das_prompt_only",
+    "das_fixed",
+    "das_length_class",
+    "das_cost_model",
+)
+METHOD_HELP = {
+    "none": "no speculation",
+    "ngram": "prompt lookup in the request's own tokens (vLLM ngram)",
+    "suffix_global": "global tree of recent responses + own context (vLLM suffix)",
+    "das_prompt_only": "DAS per-prompt history trees only, fixed budget",
+    "das_fixed": "DAS best of prompt history / global / own context, fixed budget",
+    "das_length_class": "DAS sources + the paper's length classes (budgets 4/2/0)",
+    "das_cost_model": "DAS sources + the cost-model budget policy",
+}
+
+
+def build_drafter(
+    method: str, cost: StepCostModel, num_speculative_tokens: int = 16, **config: object
+) -> DASDrafter | NgramDrafter | None:
+    """A fresh drafter for ``method`` (None for ``none``); ``config`` overrides DASConfig keys."""
+    k = num_speculative_tokens
+    if method == "none":
+        return None
+    if method == "ngram":
+        return NgramDrafter(num_speculative_tokens=k)
+    base = {"num_speculative_tokens": k, **config}
+    if method == "suffix_global":
+        settings = DASConfig.from_dict(
+            {**base, "use_prompt_history": False, "use_global_tree": True, "policy": "fixed"}
+        )
+        return DASDrafter(settings)
+    if method == "das_prompt_only":
+        settings = DASConfig.from_dict(
+            {**base, "use_own_context": False, "use_global_tree": False, "policy": "fixed"}
+        )
+        return DASDrafter(settings)
+    if method == "das_fixed":
+        return DASDrafter(DASConfig.from_dict({**base, "policy": "fixed"}))
+    if method == "das_length_class":
+        settings = DASConfig.from_dict({**base, "policy": "length_class"})
+        return DASDrafter(settings, policy=LengthClassBudgetPolicy())
+    if method == "das_cost_model":
+        settings = DASConfig.from_dict({**base, "policy": "cost_model"})
+        policy = CostModelPolicy(cost, max_budget=k, weight_by_length=True)
+        return DASDrafter(settings, policy=policy, cost=cost)
+    raise ValueError(f"method={method!r} must be one of {METHODS}")

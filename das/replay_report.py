@@ -1,0 +1,184 @@
+"""Compare drafting methods on a recorded trace under several step cost models.
+
+Methods whose decisions do not depend on the cost model are replayed once and their modelled
+time is evaluated under every cost model from the recorded per-iteration token counts; the
+cost-model policy is replayed once per cost model, since its budgets depend on the curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from das.drafter import DASDrafter
+from das.methods import build_drafter
+from policies.cost_model import StepCostModel
+from rollouts.replay import StepResult, replay_trace
+from rollouts.trace import RolloutRecord, group_by_step
+
+logger = logging.getLogger(__name__)
+
+COST_DEPENDENT_METHODS = frozenset({"das_cost_model"})
+
+
+@dataclass
+class Comparison:
+    """results[cost_name][method] = per-step results; plus what the trace held."""
+
+    results: dict[str, dict[str, list[StepResult]]]
+    cost_models: dict[str, StepCostModel]
+    trace_summary: dict[str, Any]
+    replay_wall_s: float
+    source_wins: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def reduction(self, cost_name: str, method: str, baseline: str, steps: Sequence[int]) -> float:
+        """1 - time(method) / time(baseline), summed over ``steps``."""
+        by_method = self.results[cost_name]
+        ours = sum(r.modelled_s for r in by_method[method] if r.step in steps)
+        base = sum(r.modelled_s for r in by_method[baseline] if r.step in steps)
+        return 1.0 - ours / base if base > 0 else 0.0
+
+    def to_json(self, command: str) -> dict[str, Any]:
+        cost_models = {}
+        for cost_name, by_method in self.results.items():
+            cost_models[cost_name] = {
+                "params": dataclasses.asdict(self.cost_models[cost_name]),
+                "methods": {
+                    method: {"steps": [r.to_dict() for r in steps]}
+                    for method, steps in by_method.items()
+                },
+            }
+        return {
+            "command": command,
+            "trace": self.trace_summary,
+            "replay_wall_s": self.replay_wall_s,
+            "source_wins": self.source_wins,
+            "cost_models": cost_models,
+        }
+
+
+def summarize_trace(records: Sequence[RolloutRecord]) -> dict[str, Any]:
+    lengths = np.array([r.num_response_tokens for r in records])
+    steps = sorted({r.step for r in records})
+    return {
+        "num_rollouts": len(records),
+        "num_prompts": len({r.prompt_key for r in records}),
+        "steps": steps,
+        "mean_response_tokens": float(lengths.mean()) if lengths.size else 0.0,
+        "p90_response_tokens": float(np.percentile(lengths, 90)) if lengths.size else 0.0,
+        "max_response_tokens": int(lengths.max(initial=0)),
+        "share_truncated": float(np.mean([r.finish_reason == "length" for r in records]))
+        if records
+        else 0.0,
+    }
+
+
+def compare_methods(
+    records: Sequence[RolloutRecord],
+    methods: Sequence[str],
+    cost_models: Mapping[str, StepCostModel],
+    num_speculative_tokens: int = 16,
+    progress: bool = True,
+) -> Comparison:
+    """Replay every method on ``records`` under every cost model."""
+    if not records:
+        raise ValueError("the trace holds no rollouts")
+    steps = group_by_step(records)
+    first_cost = next(iter(cost_models.values()))
+    results: dict[str, dict[str, list[StepResult]]] = {name: {} for name in cost_models}
+    source_wins: dict[str, dict[str, int]] = {}
+    jobs = [
+        (method, cost_name)
+        for method in methods
+        for cost_name in (cost_models if method in COST_DEPENDENT_METHODS else [None])
+    ]
+    started = time.perf_counter()
+    iterator = jobs
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(jobs, desc="replay", unit="method")
+    for method, cost_name in iterator:
+        cost = cost_models[cost_name] if cost_name else first_cost
+        drafter = build_drafter(method, cost, num_speculative_tokens)
+        replayed = replay_trace(steps, drafter, cost)
+        if isinstance(drafter, DASDrafter):
+            label = method if cost_name is None else f"{method}@{cost_name}"
+            source_wins[label] = dict(drafter.stats.tokens_by_source)
+        targets = [cost_name] if cost_name else list(cost_models)
+        for target in targets:
+            results[target][method] = [r.modelled_under(cost_models[target]) for r in replayed]
+    return Comparison(
+        results=results,
+        cost_models=dict(cost_models),
+        trace_summary=summarize_trace(records),
+        replay_wall_s=time.perf_counter() - started,
+        source_wins=source_wins,
+    )
+
+
+def format_table(comparison: Comparison, baseline: str = "none") -> str:
+    """One block per cost model: per-step modelled time and passes, and the change vs baseline."""
+    lines = []
+    for cost_name, by_method in comparison.results.items():
+        steps = [r.step for r in next(iter(by_method.values()))]
+        lines.append(f"cost model {cost_name}: {comparison.cost_models[cost_name].to_spec()}")
+        header = f"{'method':<18}" + "".join(f"{'step ' + str(s):>22}" for s in steps)
+        lines.append(header + f"{'total s':>10}{'vs ' + baseline:>10}")
+        lines.append(" " * 18 + "".join(f"{'s / passes / acc':>22}" for _ in steps))
+        base_total = sum(r.modelled_s for r in by_method.get(baseline, []))
+        for method, results in by_method.items():
+            cells = "".join(
+                f"{r.modelled_s:>9.2f} /{r.forward_passes:>5d} /{r.mean_accepted_len:>4.2f}"
+                for r in results
+            )
+            total = sum(r.modelled_s for r in results)
+            change = f"{(total / base_total - 1) * 100:+.1f}%" if base_total else "-"
+            lines.append(f"{method:<18}{cells}{total:>10.2f}{change:>10}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_comparison(comparison: Comparison, path: Path) -> Path:
+    """PNG: per-step modelled time by method (one panel per cost model) and acceptance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cost_names = list(comparison.results)
+    fig, axes = plt.subplots(1, len(cost_names) + 1, figsize=(6 * (len(cost_names) + 1), 4.5))
+    for ax, cost_name in zip(axes, cost_names, strict=False):
+        by_method = comparison.results[cost_name]
+        methods = list(by_method)
+        steps = [r.step for r in by_method[methods[0]]]
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            times = [r.modelled_s for r in by_method[method]]
+            ax.bar(np.arange(len(steps)) + i * width, times, width, label=method)
+        ax.set_xticks(np.arange(len(steps)) + 0.4 - width / 2, [f"step {s}" for s in steps])
+        ax.set_ylabel("modelled rollout time (s)")
+        ax.set_title(f"cost model: {cost_name}")
+    axes[0].legend(fontsize=7)
+    ax = axes[-1]
+    by_method = comparison.results[cost_names[0]]
+    for method, results in by_method.items():
+        ax.plot(
+            [r.step for r in results], [r.mean_accepted_len for r in results], "o-", label=method
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens per request per forward pass")
+    ax.set_title("acceptance by step")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,150 @@
+"""The DAS drafter's lifecycle, sources, history window and failure fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from das.config import DASConfig
+from das.drafter import SOURCES, DASDrafter
+from policies.budget import BatchView, BudgetPolicy
+
+PROMPT_A = [101, 102, 103]
+PROMPT_B = [201, 202, 203]
+RESPONSE = list(range(10, 40))  # 30 distinct tokens
+
+
+def prompt_only(**overrides) -> DASConfig:
+    settings = {"use_global_tree": False, "use_own_context": False, "calibrate": False}
+    return DASConfig(**{**settings, **overrides})
+
+
+def run_request(drafter: DASDrafter, rid, prompt, response, reason="stop") -> None:
+    drafter.start_request(rid, prompt)
+    drafter.extend_request(rid, response)
+    drafter.finish_request(rid, reason)
+
+
+def test_history_of_the_same_prompt_drafts_the_next_step():
+    drafter = DASDrafter(prompt_only(num_speculative_tokens=4))
+    drafter.begin_step(1)
+    run_request(drafter, "r1", PROMPT_A, RESPONSE)
+    drafter.begin_step(2)
+    drafter.start_request("a", PROMPT_A)
+    drafter.start_request("b", PROMPT_B)
+    drafter.extend_many(["a", "b"], [RESPONSE[:5], RESPONSE[:5]])
+    proposal = drafter.propose(["a", "b"])
+    # Prompt A's tree holds last step's response: it continues with the next 4 tokens.
+    assert proposal.draft_tokens()[0] == RESPONSE[5:9]
+    assert SOURCES[proposal.sources[0]] == "prompt"
+    # Prompt B has no history, and no other source is enabled.
+    assert proposal.draft_tokens()[1] == []
+    assert proposal.sources[1] == -1
+
+
+def test_live_sibling_tokens_draft_within_the_same_step():
+    drafter = DASDrafter(prompt_only(num_speculative_tokens=3))
+    drafter.begin_step(1)
+    drafter.start_request("leader", PROMPT_A)
+    drafter.start_request("follower", PROMPT_A)
+    drafter.extend_request("leader", RESPONSE[:20])
+    drafter.extend_request("follower", RESPONSE[:8])
+    assert drafter.propose(["follower"]).draft_tokens() == [RESPONSE[8:11]]
+
+
+def test_only_finished_rollouts_enter_history_and_stop_tokens_trim():
+    drafter = DASDrafter(prompt_only(num_speculative_tokens=4))
+    drafter.begin_step(1)
+    run_request(drafter, "aborted", PROMPT_A, RESPONSE, reason="abort")
+    drafter.start_request("dropped", PROMPT_A)
+    drafter.extend_request("dropped", RESPONSE)
+    drafter.abort_request("dropped")
+    assert drafter.history.stats().num_rollouts == 0
+    assert drafter.forest.num_sequences == 0  # nothing left behind
+    drafter.start_request("kept", PROMPT_A)
+    drafter.extend_request("kept", [*RESPONSE[:6], 2, 77, 78, 79])  # 2 = stop token
+    drafter.finish_request("kept", "stop", stop_token_ids=[2])
+    stored = drafter.forest.sequence_tokens(drafter.history._by_step[1][0])
+    assert stored.tolist() == [*RESPONSE[:6], 2]
+    drafter.forest.check_integrity()
+
+
+def test_window_evicts_old_steps_without_rebuilding():
+    drafter = DASDrafter(prompt_only(window_steps=1, num_speculative_tokens=2))
+    drafter.begin_step(1)
+    run_request(drafter, 1, PROMPT_A, RESPONSE)
+    drafter.begin_step(2)  # window of 1: step 1 is still the last step
+    assert drafter.history.steps == [1]
+    run_request(drafter, 2, PROMPT_A, [5, 6, 7])
+    drafter.begin_step(3)
+    assert drafter.history.steps == [2]
+    drafter.start_request(3, PROMPT_A)
+    drafter.extend_request(3, RESPONSE[:4])
+    assert drafter.propose([3]).draft_tokens() == [[]]
+    drafter.forest.check_integrity()
+
+
+def test_prompt_key_is_a_hash_of_the_prompt_unless_given():
+    drafter = DASDrafter()
+    drafter.begin_step(1)
+    key_1 = drafter.start_request("x", PROMPT_A)
+    key_2 = drafter.start_request("y", list(PROMPT_A))
+    key_3 = drafter.start_request("z", PROMPT_A, prompt_key="dataset-7")
+    assert key_1 == key_2 != key_3 == "dataset-7"
+
+
+class _BrokenPolicy(BudgetPolicy):
+    def batch_budgets(self, batch: BatchView, cost=None) -> np.ndarray:
+        raise RuntimeError("policy bug")
+
+
+def test_a_drafter_failure_falls_back_to_no_speculation():
+    drafter = DASDrafter(prompt_only(), policy=_BrokenPolicy())
+    drafter.begin_step(1)
+    run_request(drafter, 1, PROMPT_A, RESPONSE)
+    drafter.start_request(2, PROMPT_A)
+    drafter.extend_request(2, RESPONSE[:5])
+    proposal = drafter.propose([2])
+    assert proposal.draft_tokens() == [[]]
+    assert drafter.stats.num_failures == 1
+
+
+def test_calibration_learns_that_a_source_is_not_accepted():
+    drafter = DASDrafter(DASConfig(use_global_tree=False, use_prompt_history=False))
+    drafter.begin_step(1)
+    drafter.start_request(1, [1, 2, 3, 4, 1, 2, 3, 4, 1, 2])
+    before = drafter.calibration.factors()[SOURCES.index("own")].copy()
+    for _ in range(20):
+        proposal = drafter.propose([1])
+        if proposal.draft_tokens()[0]:
+            drafter.extend_request(1, [99])  # the target never agrees
+        else:
+            drafter.extend_request(1, [1, 2])
+    after = drafter.calibration.factors()[SOURCES.index("own")]
+    assert after.min() < before.min() * 0.7
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"num_speculative_tokens": 0}, "num_speculative_tokens=0"),
+        ({"policy": "magic"}, "policy='magic'"),
+        ({"min_token_prob": 2.0}, "min_token_prob=2.0"),
+        ({"bogus_key": 1}, r"unknown DAS config key\(s\) \['bogus_key'\]"),
+    ],
+)
+def test_config_errors_name_the_key(bad, message):
+    with pytest.raises(ValueError, match=message):
+        DASConfig.from_dict(bad)
+
+
+def test_lifecycle_misuse_names_the_request():
+    drafter = DASDrafter()
+    drafter.begin_step(1)
+    drafter.start_request("r", PROMPT_A)
+    with pytest.raises(ValueError, match="request_id='r' is already running"):
+        drafter.start_request("r", PROMPT_A)
+    with pytest.raises(ValueError, match="request_id='nope' is not running"):
+        drafter.extend_request("nope", [1])
+    with pytest.raises(ValueError, match="empty prompt"):
+        drafter.start_request("e", [])

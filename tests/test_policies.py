@@ -1,0 +1,362 @@
+"""Draft budgets: fixed, length classes, and the cost-model optimum against brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from policies.budget import (
+    CostModelPolicy,
+    FixedPolicy,
+    LengthClass,
+    LengthClassBudgetPolicy,
+    LengthClassPolicy,
+    RequestView,
+    expected_produced_tokens,
+    fixed_budgets,
+    optimal_budgets,
+    remaining_length_weights,
+)
+from policies.cost_model import OnlineCostFitter, StepCostModel
+from policies.profiles import costs_dir, load_profile
+
+LONG, MEDIUM, SHORT = LengthClass.LONG, LengthClass.MEDIUM, LengthClass.SHORT
+
+# A 2-core CPU running a small model: every verified token costs a fifth of a step's floor.
+CPU_LIKE = StepCostModel(c_base=0.01, c_tok=0.002)
+
+needs_h100_data = pytest.mark.skipif(
+    not (costs_dir() / "h100_qwen_shapes.json").is_file(), reason="shared H100 costs missing"
+)
+
+
+def geometric(p: float, length: int) -> np.ndarray:
+    """Cumulative acceptance of a draft whose tokens are each accepted with probability p."""
+    return p ** np.arange(1, length + 1, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- oracle
+
+
+def rate(budgets, cumulative_probs, cost, context_tokens=0, weights=None) -> float:
+    """Weighted expected produced tokens per second, straight from the definition."""
+    num_tokens = sum(1 + int(b) for b in budgets)
+    produced = expected_produced_tokens(budgets, cumulative_probs, weights)
+    return produced / cost.step_time(num_tokens, context_tokens)
+
+
+def brute_force(cumulative_probs, cost, context_tokens=0, weights=None, max_budget=None):
+    """(best rate, smallest total budget reaching it) over every combination of budgets."""
+    limits = [len(p) if max_budget is None else min(len(p), max_budget) for p in cumulative_probs]
+    scored = [
+        (rate(budgets, cumulative_probs, cost, context_tokens, weights), sum(budgets))
+        for budgets in itertools.product(*(range(limit + 1) for limit in limits))
+    ]
+    best = max(value for value, _ in scored)
+    smallest = min(total for value, total in scored if value >= best - 1e-12 * best)
+    return best, smallest
+
+
+# Continuous cases: any probabilities and costs.
+continuous_draft = st.lists(st.floats(0.0, 1.0), min_size=0, max_size=4).map(
+    lambda ps: np.cumprod(np.array(ps, dtype=np.float64))
+)
+continuous_cost = st.builds(
+    StepCostModel,
+    c_base=st.floats(0.05, 2.0),
+    c_tok=st.floats(0.0, 1.0),
+    knee_tokens=st.floats(0.0, 12.0),
+    c_ctx=st.floats(0.0, 0.01),
+)
+# Discrete cases: dyadic probabilities and small integer costs make exact ties frequent.
+dyadic_draft = st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), max_size=4).map(
+    lambda ps: np.cumprod(np.array(ps, dtype=np.float64))
+)
+integer_cost = st.builds(
+    StepCostModel,
+    c_base=st.integers(1, 8),
+    c_tok=st.integers(0, 3),
+    knee_tokens=st.integers(0, 8),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(continuous_draft, min_size=1, max_size=4),
+    continuous_cost,
+    st.integers(0, 100),
+    st.one_of(st.none(), st.lists(st.floats(0.0, 5.0), min_size=4, max_size=4)),
+    st.one_of(st.none(), st.integers(0, 4)),
+)
+def test_optimal_budgets_match_brute_force(drafts, cost, context, weights, max_budget) -> None:
+    weights = None if weights is None else np.array(weights[: len(drafts)])
+    ours = optimal_budgets(drafts, cost, context, weights=weights, max_budget=max_budget)
+    best, _ = brute_force(drafts, cost, context, weights, max_budget)
+    assert ours.dtype == np.int64
+    assert ours.shape == (len(drafts),)
+    for budget, draft in zip(ours, drafts, strict=True):
+        assert 0 <= budget <= len(draft)
+        assert max_budget is None or budget <= max_budget
+    assert rate(ours, drafts, cost, context, weights) == pytest.approx(best, rel=1e-9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(dyadic_draft, min_size=1, max_size=4), integer_cost)
+def test_optimal_budgets_break_ties_towards_fewer_drafts(drafts, cost) -> None:
+    ours = optimal_budgets(drafts, cost)
+    best, smallest = brute_force(drafts, cost)
+    assert rate(ours, drafts, cost) == pytest.approx(best, rel=1e-12)
+    assert int(ours.sum()) == smallest
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(continuous_draft, min_size=1, max_size=6),
+    st.floats(0.05, 2.0),
+    st.floats(0.0, 1.0),
+    st.floats(0.0, 1.0),
+)
+def test_steeper_cost_never_drafts_more(drafts, c_base, c_tok, extra) -> None:
+    # log(rate) has decreasing differences in (total drafts, c_tok), so the smallest optimal
+    # total cannot grow with c_tok (Topkis).
+    gentle = optimal_budgets(drafts, StepCostModel(c_base, c_tok))
+    steep = optimal_budgets(drafts, StepCostModel(c_base, c_tok + extra))
+    assert steep.sum() <= gentle.sum()
+
+
+def test_hand_computed_case() -> None:
+    # Two requests; a step costs 1 s up to 4 tokens, then 10 s more per token. The requests'
+    # own 2 tokens leave room for 2 free drafts, and a third would cost 10 s for < 1 token.
+    # The two largest gains are request 0's 0.9 and 0.81, both above request 1's 0.8.
+    drafts = [np.array([0.9, 0.81, 0.729]), np.array([0.8, 0.64])]
+    cost = StepCostModel(c_base=1.0, c_tok=10.0, knee_tokens=4.0)
+    assert optimal_budgets(drafts, cost).tolist() == [2, 0]
+
+
+def test_no_drafts_when_verification_costs_more_than_it_gains() -> None:
+    # 128 requests on a CPU-like linear curve: a step of 128 tokens takes 0.266 s, i.e.
+    # 2.1 ms per produced token, and a draft token costs 2 ms but yields at most 0.8 tokens.
+    drafts = [geometric(0.8, 8) for _ in range(128)]
+    assert optimal_budgets(drafts, CPU_LIKE).sum() == 0
+    # Alone on the same machine, the same draft pays: the 10 ms floor is shared.
+    assert optimal_budgets(drafts[:1], CPU_LIKE)[0] > 0
+
+
+@needs_h100_data
+def test_h100_small_batch_drafts_in_full() -> None:
+    # 4 requests verifying 8 drafts each is 36 tokens per step: on the flat part of the curve.
+    h100 = load_profile("h100_7b")
+    drafts = [geometric(0.7, 8) for _ in range(4)]
+    assert optimal_budgets(drafts, h100, context_tokens=4 * 2048).tolist() == [8, 8, 8, 8]
+
+
+@needs_h100_data
+def test_h100_large_batch_drafts_less() -> None:
+    h100 = load_profile("h100_7b")
+    drafts = [geometric(0.7, 16) for _ in range(256)]
+    budgets = optimal_budgets(drafts, h100, context_tokens=256 * 2048)
+    assert budgets.max() < 16
+    tail = optimal_budgets(drafts[:4], h100, context_tokens=4 * 2048)
+    assert tail.min() > budgets.max()
+
+
+def test_weights_move_drafts_and_scale_does_not_matter() -> None:
+    # Room for 2 free drafts (knee 4, 2 requests); identical drafts: ties go to request 0 first,
+    # one each. A heavier request 1 takes both.
+    drafts = [geometric(0.9, 3), geometric(0.9, 3)]
+    cost = StepCostModel(c_base=1.0, c_tok=10.0, knee_tokens=4.0)
+    assert optimal_budgets(drafts, cost).tolist() == [1, 1]
+    weights = np.array([1.0, 3.0])
+    assert optimal_budgets(drafts, cost, weights=weights).tolist() == [0, 2]
+    assert optimal_budgets(drafts, cost, weights=7.5 * weights).tolist() == [0, 2]
+
+
+def test_empty_inputs() -> None:
+    assert optimal_budgets([], CPU_LIKE).shape == (0,)
+    assert optimal_budgets([np.zeros(0), np.zeros(0)], CPU_LIKE).tolist() == [0, 0]
+    assert optimal_budgets([geometric(0.9, 5)], StepCostModel(1.0, 0.0), max_budget=0)[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cumulative_probs": [np.array([0.5, 0.6])]}, "must be non-increasing"),
+        ({"cumulative_probs": [np.array([1.5])]}, r"must lie in \[0, 1\]"),
+        ({"cumulative_probs": [np.array([[0.5]])]}, "one-dimensional"),
+        ({"weights": np.array([1.0, 2.0])}, r"weights has shape \(2,\), expected \(1,\)"),
+        ({"weights": np.array([-1.0])}, "must be finite and >= 0"),
+        ({"max_budget": -1}, "max_budget=-1 must be >= 0"),
+        ({"context_tokens": -5}, "context_tokens=-5 must be >= 0"),
+        ({"cost": StepCostModel(0.0, 1.0, knee_tokens=8.0)}, "predicts a step time <= 0"),
+    ],
+)
+def test_optimal_budgets_validation(kwargs, message) -> None:
+    arguments = {"cumulative_probs": [np.array([0.5, 0.25])], "cost": CPU_LIKE, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        optimal_budgets(**arguments)
+
+
+def test_expected_produced_tokens() -> None:
+    drafts = [np.array([0.5, 0.25]), np.array([1.0])]
+    # request 0: 1 + 0.5 + 0.25; request 1: 1 + 1.0 (weights 2 and 1 below)
+    assert expected_produced_tokens([2, 1], drafts) == pytest.approx(3.75)
+    assert expected_produced_tokens([2, 0], drafts, weights=np.array([2.0, 1.0])) == 4.5
+
+
+# --------------------------------------------------------------------------- fixed
+
+
+def test_fixed_budgets() -> None:
+    assert fixed_budgets(3, 4).tolist() == [4, 4, 4]
+    assert fixed_budgets(0, 4).shape == (0,)
+    with pytest.raises(ValueError, match="k=-1 must be >= 0"):
+        fixed_budgets(2, -1)
+    with pytest.raises(ValueError, match=r"num_requests=2\.5 must be an integer"):
+        fixed_budgets(2.5, 1)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- length classes
+
+
+def test_classify_ranks_by_historical_length() -> None:
+    # Ten prompts: the 2 longest are long, the next 4 medium, the last 4 short.
+    lengths = {f"p{i}": float(100 * i) for i in range(10)}
+    classes = LengthClassPolicy().classify(lengths)
+    assert [classes[f"p{i}"] for i in range(10)] == [SHORT] * 4 + [MEDIUM] * 4 + [LONG] * 2
+
+
+def test_classify_ties_share_the_longer_class() -> None:
+    # Five prompts: round(0.2 * 5) = 1 long, round(0.6 * 5) = 3 long or medium. Both 9s tie
+    # for rank 0, so both are long; the 5 has rank 2 (medium), the 1s rank 3 (short).
+    lengths = {"a": 9.0, "b": 9.0, "c": 5.0, "d": 1.0, "e": 1.0}
+    assert LengthClassPolicy().classify(lengths) == {
+        "a": LONG,
+        "b": LONG,
+        "c": MEDIUM,
+        "d": SHORT,
+        "e": SHORT,
+    }
+
+
+def test_classify_unknown_prompts() -> None:
+    lengths = {1: 10.0, 2: 20.0, 3: 30.0, 4: 40.0, 5: 50.0}
+    classes = LengthClassPolicy().classify(lengths, keys=[5, 1, 99])
+    assert classes == {5: LONG, 1: SHORT, 99: MEDIUM}
+    policy = LengthClassPolicy(unknown_class="long")
+    assert policy.classify({}, keys=["new"]) == {"new": LONG}
+
+
+def test_budget_and_promotion() -> None:
+    policy = LengthClassPolicy(budgets=(6, 3, 1), promote_after_tokens=100)
+    assert policy.budget(LONG, 0) == 6
+    assert policy.budget("medium", 99) == 3
+    assert policy.budget(SHORT, 50) == 1
+    assert policy.budget(SHORT, 100) == 6  # promoted to long
+    assert LengthClassPolicy(promote_after_tokens=None).budget(SHORT, 10**6) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"long_fraction": -0.1}, "long_fraction=-0.1 must be >= 0"),
+        ({"long_fraction": 0.7, "medium_fraction": 0.4}, "must be <= 1"),
+        ({"budgets": (4, 2)}, r"budgets=\(4, 2\) must be three integers"),
+        ({"budgets": (4, -2, 0)}, "budgets=-2 must be >= 0"),
+        ({"budgets": "420"}, "budgets='420' must be three integers"),
+        ({"promote_after_tokens": -1}, "promote_after_tokens=-1 must be >= 0"),
+        ({"unknown_class": "huge"}, "unknown_class='huge' must be one of"),
+    ],
+)
+def test_length_class_policy_validation(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        LengthClassPolicy(**kwargs)
+
+
+def test_classify_and_budget_reject_bad_values() -> None:
+    policy = LengthClassPolicy()
+    with pytest.raises(ValueError, match=r"historical_lengths\['x'\]=-3.0 must be finite"):
+        policy.classify({"x": -3.0, "y": 1.0})
+    with pytest.raises(ValueError, match="length_class='tiny' must be one of"):
+        policy.budget("tiny", 0)
+    with pytest.raises(ValueError, match="generated_tokens=-1 must be >= 0"):
+        policy.budget(LONG, -1)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def test_remaining_length_weights() -> None:
+    generated = np.array([0.0, 900.0, 100.0])
+    expected = np.array([1000.0, 1000.0, np.nan])  # the unknown one takes the mean, 1000
+    # remaining: 1000; max(100, 900) = 900 (past half its mean: its age); 900
+    weights = remaining_length_weights(generated, expected)
+    np.testing.assert_allclose(weights, np.array([1000.0, 900.0, 900.0]) / (2800.0 / 3))
+    clipped = remaining_length_weights(np.zeros(3), np.array([1.0, 1.0, 1e6]), max_ratio=2)
+    assert clipped.tolist() == [0.5, 0.5, 2.0]  # about 0 and 3 before clipping
+    assert remaining_length_weights(np.zeros(0), np.zeros(0)).shape == (0,)
+    with pytest.raises(ValueError, match="same length"):
+        remaining_length_weights(np.zeros(2), np.zeros(3))
+
+
+# --------------------------------------------------------------------------- per-step policies
+
+
+def view(key, generated=0, probs=(), length_class=MEDIUM, expected=None, context=0) -> RequestView:
+    return RequestView(key, generated, np.array(probs, np.float64), length_class, expected, context)
+
+
+def test_fixed_and_length_class_policies() -> None:
+    views = [view("a", 10, length_class=LONG), view("b", 10), view("c", 10, length_class=SHORT)]
+    assert FixedPolicy(3).budgets(views).tolist() == [3, 3, 3]
+    assert LengthClassBudgetPolicy().budgets(views, CPU_LIKE).tolist() == [4, 2, 0]
+    promoting = LengthClassBudgetPolicy(LengthClassPolicy(promote_after_tokens=10))
+    assert promoting.budgets(views).tolist() == [4, 4, 4]
+    with pytest.raises(ValueError, match="k=-2 must be >= 0"):
+        FixedPolicy(-2)
+
+
+def test_cost_model_policy_uses_its_source_or_the_given_cost() -> None:
+    views = [view(i, probs=geometric(0.8, 8), context=100) for i in range(128)]
+    assert CostModelPolicy(CPU_LIKE).budgets(views).sum() == 0
+    flat = StepCostModel(c_base=0.01, c_tok=0.0)
+    assert CostModelPolicy(CPU_LIKE).budgets(views, cost=flat).tolist() == [8] * 128
+    assert CostModelPolicy(CPU_LIKE, max_budget=2).budgets(views, cost=flat).tolist() == [2] * 128
+
+
+def test_cost_model_policy_reads_the_online_fitter_each_step() -> None:
+    fitter = OnlineCostFitter(prior=StepCostModel(0.01, 0.0), refit_every=1)
+    policy = CostModelPolicy(fitter)
+    views = [view(i, probs=geometric(0.8, 4)) for i in range(64)]
+    assert policy.budgets(views).tolist() == [4] * 64  # the flat prior
+    for num_tokens in (1, 8, 32, 64, 128, 256):
+        fitter.observe(num_tokens, 0, CPU_LIKE.step_time(num_tokens))
+    assert policy.cost_model.c_tok == pytest.approx(CPU_LIKE.c_tok, rel=1e-6)
+    assert policy.budgets(views).sum() == 0  # the measured curve is steep
+
+
+def test_cost_model_policy_weights_favour_the_longest_running_request() -> None:
+    # Room for 2 free drafts. Request "young" is predicted 900 more tokens; request "old" has
+    # already generated 3000 (its own age predicts 3000 more), so it gets both drafts.
+    cost = StepCostModel(c_base=1.0, c_tok=10.0, knee_tokens=4.0)
+    views = [
+        view("young", 100, geometric(0.9, 3), expected=1000.0),
+        view("old", 3000, geometric(0.9, 3), expected=1000.0),
+    ]
+    assert CostModelPolicy(cost).budgets(views).tolist() == [1, 1]
+    assert CostModelPolicy(cost, weight_by_length=True).budgets(views).tolist() == [0, 2]
+
+
+def test_policy_and_view_validation() -> None:
+    with pytest.raises(ValueError, match="cost_source='1,2' must be a StepCostModel"):
+        CostModelPolicy("1,2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"max_weight_ratio=0\.5 must be >= 1"):
+        CostModelPolicy(CPU_LIKE, max_weight_ratio=0.5)
+    with pytest.raises(ValueError, match="generated_tokens=-1 must be >= 0"):
+        view("a", generated=-1)
+    with pytest.raises(ValueError, match="length_class='xl' must be one of"):
+        view("a", length_class="xl")
+    assert view("a", length_class="long").length_class is LONG

@@ -34,6 +34,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from das.methods import METHODS
     from das.record import record_rollouts
     from das.replay_report import compare_methods, format_table, plot_comparison
     from das.vllm_engine import make_llm
@@ -63,7 +64,7 @@ def run_demo(args: argparse.Namespace) -> int:
             llm=llm,
             overwrite=True,
         )
-    comparison = compare_methods(records, _all_methods(), parse_cost_models(default_cost_specs()))
+    comparison = compare_methods(records, METHODS, parse_cost_models(default_cost_specs()))
     summary = comparison.trace_summary
     print(
         f"\nDAS demo: {summary['num_rollouts']} rollouts of the default model "
@@ -74,9 +75,3 @@ def run_demo(args: argparse.Namespace) -> int:
     print(format_table(comparison))
     print(f"trace: {trace}\nplot:  {plot_comparison(comparison, out / f'replay_{name}.png')}")
     return 0
-
-
-def _all_methods() -> list[str]:
-    from das.methods import METHODS
-
-    return list(METHODS)

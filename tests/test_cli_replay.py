@@ -1,0 +1,52 @@
+"""``das-rollout replay`` end to end on the committed small trace (no vLLM needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from das.cli import main
+
+SMALL_TRACE = Path(__file__).parent / "data" / "trace_small.parquet"
+
+
+def test_replay_writes_the_documented_json(tmp_path, capsys):
+    out = tmp_path / "replay.json"
+    plot = tmp_path / "replay.png"
+    code = main(
+        [
+            "--log-level", "WARNING", "replay", str(SMALL_TRACE),
+            "--methods", "none,suffix_global,das_cost_model",
+            "--cost", "flat=0.01,0.00001,256", "--cost", "steep=0.01,0.001",
+            "--json", str(out), "--plot", str(plot),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("das-rollout")
+    assert set(data["cost_models"]) == {"flat", "steep"}
+    for cost_model in data["cost_models"].values():
+        methods = cost_model["methods"]
+        assert set(methods) == {"none", "suffix_global", "das_cost_model"}
+        none_steps = methods["none"]["steps"]
+        assert [s["step"] for s in none_steps] == data["trace"]["steps"]
+        for row in methods["das_cost_model"]["steps"]:
+            assert {"step", "modelled_s", "forward_passes", "mean_accepted_len"} <= set(row)
+        # Speculation never needs more passes than plain decoding.
+        for spec, plain in zip(methods["suffix_global"]["steps"], none_steps, strict=True):
+            assert spec["forward_passes"] <= plain["forward_passes"]
+    assert plot.stat().st_size > 10_000
+    assert "cost model flat" in capsys.readouterr().out
+
+
+def test_replay_errors_name_the_bad_input(tmp_path):
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(SMALL_TRACE.read_bytes()[:500])
+    with pytest.raises(SystemExit, match=r"broken\.parquet"):
+        main(["replay", str(broken), "--methods", "none", "--cost", "0.01,0.001"])
+    with pytest.raises(SystemExit, match=r"unknown method\(s\) \['warp'\]"):
+        main(["replay", str(SMALL_TRACE), "--methods", "warp"])
+    with pytest.raises(SystemExit, match="bad --cost 'x=1,2,3,4,5,6'"):
+        main(["replay", str(SMALL_TRACE), "--cost", "x=1,2,3,4,5,6"])

@@ -24,10 +24,11 @@ Invariants (checked by :func:`recount_occurrences` through ``SuffixForest.check_
 3. A node with ``count >= 2``, or with a child, has every continuation of its occurrences
    materialized as a child. So a chain head's only reference is its own occurrence: removing a
    sequence frees its chain heads and never has to re-point another node.
-4. ``best_child[x]`` is x's child with the largest count, ties to the smallest token, for every
-   node but a root. Drafts never start at a root (match length >= 1), so a root's best child is
-   not kept on removal: rescanning a root's children (up to the vocabulary) whenever its most
-   frequent token lost an occurrence dominated the cost of ``remove_sequence``.
+4. ``best_child[x]`` is x's child with the largest count, ties to the smallest token, or
+   ``STALE``: removal marks a node STALE when its best child loses an occurrence, and the draft
+   walk rescans a STALE node's children when it reads it (appends leave STALE as is). Rescanning
+   on every such decrement dominated ``remove_sequence`` (the removed path mostly follows best
+   children; the root alone has up to a vocabulary of children).
 5. A node whose count reached 2 has ``ref_seq == -1`` from then on (set when it split), so no
    node ever keeps a reference to a removed sequence.
 """
@@ -53,6 +54,7 @@ M_LIVE_EDGES = 3
 NUM_META = 4
 
 EMPTY = -1
+STALE = -2  # best_child not known since a removal (invariant 4)
 
 
 @njit(cache=True, inline="always")
@@ -201,7 +203,8 @@ def _add_child(nodes, edge_keys, edge_vals, meta, parent, token, ref_seq, ref_po
     nodes[child, F_NEXT_SIBLING] = nodes[parent, F_FIRST_CHILD]
     nodes[parent, F_FIRST_CHILD] = child
     _insert_edge(edge_keys, edge_vals, meta, parent, token, child)
-    if _is_better(nodes, child, nodes[parent, F_BEST_CHILD]):
+    best = nodes[parent, F_BEST_CHILD]
+    if best != STALE and _is_better(nodes, child, best):
         nodes[parent, F_BEST_CHILD] = child
     return child
 
@@ -285,9 +288,8 @@ def append_tokens(
             else:
                 was_chain_head = _is_chain_head(nodes, child, root)
                 nodes[child, F_COUNT] += 1
-                if child != nodes[node, F_BEST_CHILD] and _is_better(
-                    nodes, child, nodes[node, F_BEST_CHILD]
-                ):
+                best = nodes[node, F_BEST_CHILD]
+                if child != best and best != STALE and _is_better(nodes, child, best):
                     nodes[node, F_BEST_CHILD] = child
                 if was_chain_head:
                     # Materialize the other occurrence's next token (invariant 3).
@@ -342,10 +344,7 @@ def remove_sequence(
             # A node that falls back to count 1 and loses its children becomes a chain head
             # with ref_seq == -1 (invariant 5): its remaining occurrence ends at it.
             if nodes[node, F_BEST_CHILD] == child:
-                if node == root:
-                    nodes[root, F_BEST_CHILD] = -1  # invariant 4: not kept for roots
-                else:
-                    _rescan_best_child(nodes, node)
+                nodes[node, F_BEST_CHILD] = STALE  # rescanned when a draft reads it
             node = child
     seq_len[seq] = 0
 
@@ -406,6 +405,9 @@ def _walk_draft(
             implicit += 1
         else:
             child = nodes[node, F_BEST_CHILD]
+            if child == STALE:
+                _rescan_best_child(nodes, node)
+                child = nodes[node, F_BEST_CHILD]
             if child < 0:
                 break
             token = nodes[child, F_TOKEN]

@@ -437,7 +437,7 @@ class SuffixForest:
                 ):
                     best = child
                 child = int(nodes[child, K.F_NEXT_SIBLING])
-            if not roots[node] and int(nodes[node, K.F_BEST_CHILD]) != best:
+            if int(nodes[node, K.F_BEST_CHILD]) not in (best, K.STALE):
                 raise AssertionError(
                     f"node {node}: best child {nodes[node, K.F_BEST_CHILD]} != {best}"
                 )

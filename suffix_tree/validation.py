@@ -41,8 +41,12 @@ def to_token_array(tokens: Iterable[int] | np.ndarray, name: str) -> np.ndarray:
             raise ValueError(f"{name} holds a negative token id {int(low)}")
         if high > INT32_MAX:
             raise ValueError(f"{name} holds token id {int(high)} beyond int32")
-    if array.dtype != np.int32 or not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array, dtype=np.int32)
+    flags = array.flags
+    if array.dtype != np.int32 or not (flags.c_contiguous and flags.writeable and flags.aligned):
+        # Always the array type the kernels were warmed up with: a read-only (e.g. a trace's
+        # frozen tokens) or unaligned input would make numba compile a second specialization of
+        # every kernel it reaches, seconds on first use.
+        array = np.array(array, dtype=np.int32, order="C")
     return array
 
 

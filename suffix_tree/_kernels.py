@@ -675,3 +675,51 @@ def speculate_rows(
         out_num[i] = num
         out_score[i] = score
         out_match[i] = match_len
+
+
+@njit(cache=True)
+def speculate_one(
+    nodes,
+    edge_keys,
+    edge_vals,
+    pool,
+    seq_start,
+    seq_len,
+    root,
+    context,
+    max_depth,
+    max_tokens,
+    min_token_prob,
+    max_spec_factor,
+):
+    """:func:`speculate` returning fresh arrays ``(tokens, probs, match_len, score)``.
+
+    Fewer arguments and no copies on the Python side: the per-call entry point. A negative
+    token in ``context`` returns match_len -1 and no draft (the caller raises).
+    """
+    for i in range(context.shape[0]):
+        if context[i] < 0:
+            return np.empty(0, np.int32), np.empty(0, np.float64), -1, 0.0
+    out_tokens = np.empty(max_tokens, np.int32)
+    out_probs = np.empty(max_tokens, np.float64)
+    scratch_tokens = np.empty(max_tokens, np.int32)
+    scratch_probs = np.empty(max_tokens, np.float64)
+    num, match_len, score = speculate(
+        nodes,
+        edge_keys,
+        edge_vals,
+        pool,
+        seq_start,
+        seq_len,
+        root,
+        context,
+        max_depth,
+        max_tokens,
+        min_token_prob,
+        max_spec_factor,
+        out_tokens,
+        out_probs,
+        scratch_tokens,
+        scratch_probs,
+    )
+    return out_tokens[:num], out_probs[:num], match_len, score

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Draft:
-    """A proposed continuation.
+    """A proposed continuation (treat as read-only; not frozen, to keep construction cheap on
+    the per-call path).
 
     Attributes:
         tokens: int32 draft tokens, in order.

@@ -77,8 +77,6 @@ class SuffixForest:
         self._tree_of_seq: dict[Hashable, Hashable] = {}
         self._root_of: dict[Hashable, int] = {}
         self._seqs_in_tree: dict[Hashable, set[Hashable]] = {}
-        self._draft_tokens = np.zeros(64, dtype=np.int32)
-        self._draft_probs = np.zeros(64, dtype=np.float64)
         self._scratch_tokens = np.zeros(64, dtype=np.int32)
         self._scratch_probs = np.zeros(64, dtype=np.float64)
         warm_up_kernels()
@@ -236,20 +234,29 @@ class SuffixForest:
         drops below ``min_token_prob``, or at depth ``max_depth``. The best score wins, ties to
         the longer match. An empty context or an unknown/empty tree gives an empty draft.
         """
-        check_positive_int(max_tokens, "max_tokens")
-        check_probability(min_token_prob, "min_token_prob")
-        factor = _NO_FACTOR_LIMIT if max_spec_factor is None else float(max_spec_factor)
-        if factor <= 0:
-            raise ValueError(f"max_spec_factor={max_spec_factor} must be > 0")
-        array = to_token_array(context, "context")
+        # Fast checks for the usual argument types; anything else takes the validating helpers.
+        if type(max_tokens) is not int or max_tokens <= 0:
+            max_tokens = check_positive_int(max_tokens, "max_tokens")
+        if type(min_token_prob) is not float or not 0.0 <= min_token_prob <= 1.0:
+            min_token_prob = check_probability(min_token_prob, "min_token_prob")
+        if max_spec_factor is None:
+            factor = _NO_FACTOR_LIMIT
+        else:
+            factor = float(max_spec_factor)
+            if not factor > 0:
+                raise ValueError(f"max_spec_factor={max_spec_factor} must be > 0")
+        if type(context) is np.ndarray and context.dtype == np.int32 and context.ndim == 1:
+            flags = context.flags  # the kernel's own layout; it checks for negatives itself
+            fast = flags.c_contiguous and flags.writeable and flags.aligned
+        else:
+            fast = False
+        array = context if fast else to_token_array(context, "context")
         root = self._root_of.get(tree)
         if root is None or array.size == 0:
             return Draft.empty()
         if array.size > self.max_depth:
             array = array[-self.max_depth :]
-        if max_tokens > self._draft_tokens.shape[0]:
-            self._grow_draft_buffers(max_tokens)
-        num, match_len, score = K.speculate(
+        tokens, probs, match_len, score = K.speculate_one(
             self._nodes,
             self._edge_keys,
             self._edge_vals,
@@ -262,17 +269,10 @@ class SuffixForest:
             max_tokens,
             min_token_prob,
             factor,
-            self._draft_tokens,
-            self._draft_probs,
-            self._scratch_tokens,
-            self._scratch_probs,
         )
-        return Draft(
-            tokens=self._draft_tokens[:num].copy(),
-            probs=self._draft_probs[:num].copy(),
-            score=float(score),
-            match_len=int(match_len),
-        )
+        if match_len < 0:
+            to_token_array(array.copy(), "context")  # raises, naming the negative token
+        return Draft(tokens, probs, score, match_len)
 
     # ---------------------------------------------------------------------- batch APIs
     # Handles are the internal ints behind ids: a sequence's slot (valid until it is removed) and
@@ -541,8 +541,6 @@ class SuffixForest:
         self._free_slots.extend(range(new - 1, old - 1, -1))
 
     def _grow_draft_buffers(self, size: int) -> None:
-        self._draft_tokens = np.zeros(size, dtype=np.int32)
-        self._draft_probs = np.zeros(size, dtype=np.float64)
         self._scratch_tokens = np.zeros(size, dtype=np.int32)
         self._scratch_probs = np.zeros(size, dtype=np.float64)
 

@@ -79,7 +79,8 @@ def test_kernels_are_compiled_at_construction_and_first_call_is_fast():
     for kernel in (
         _kernels.append_tokens,
         _kernels.remove_sequence,
-        _kernels.speculate,
+        _kernels.speculate_one,
+        _kernels.speculate_rows,
         _kernels.rehash,
         _kernels.recount_occurrences,
     ):
@@ -138,3 +139,10 @@ def test_batch_apis_reject_bad_handles():
     with pytest.raises(ValueError, match="max_tokens="):
         forest.speculate_many(np.array([0]), np.array([slot]), np.array([-1]))
     assert forest.sequence_tokens("a").tolist() == [1, 2]
+
+
+def test_negative_tokens_in_an_int32_context_are_rejected():
+    forest = SuffixForest(max_depth=4)
+    forest.append(0, [1, 2, 3])
+    with pytest.raises(ValueError, match="negative token id -5"):
+        forest.speculate(np.array([1, -5], dtype=np.int32), 2)

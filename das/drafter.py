@@ -344,8 +344,10 @@ class DASDrafter:
         chosen = np.argmax(scores, axis=0)  # first maximum: SOURCES order breaks ties
         drafts = _gather(batches, chosen, rows, k)
         buckets = match_bucket(drafts.match_lens)
-        # Calibrated cumulative probabilities: what the policy and the calibration work from.
-        cumulative = np.minimum(drafts.cumulative_probs() * factors[chosen, buckets][:, None], 1.0)
+        raw_cumulative = drafts.cumulative_probs()
+        # Calibrated cumulative probabilities: what the policy decides from. The calibration
+        # itself compares acceptance with the raw (uncalibrated) expectation.
+        cumulative = np.minimum(raw_cumulative * factors[chosen, buckets][:, None], 1.0)
         sources = np.where(drafts.num_tokens > 0, chosen, -1).astype(np.int8)
         budgets = caps
         if self.policy is not None and rows:
@@ -358,7 +360,7 @@ class DASDrafter:
             request.pending_tokens = drafts.tokens[i, :num].copy()
             request.pending_source = int(sources[i])
             request.pending_bucket = int(buckets[i])
-            request.pending_expected = float(cumulative[i, :num].sum())
+            request.pending_expected = float(raw_cumulative[i, :num].sum())
         self._count(drafts, sources)
         return Proposal(drafts, sources, budgets)
 

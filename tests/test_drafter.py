@@ -148,3 +148,29 @@ def test_lifecycle_misuse_names_the_request():
         drafter.extend_request("nope", [1])
     with pytest.raises(ValueError, match="empty prompt"):
         drafter.start_request("e", [])
+
+
+def test_calibration_compares_acceptance_with_the_raw_tree_expectation():
+    # Once a source's factor is below 1, what it records as "expected" must still be the tree's
+    # own expectation (sum of raw cumulative probabilities); recording the calibrated value would
+    # make the factor measure f / f_previous and oscillate instead of converging.
+    drafter = DASDrafter(
+        DASConfig(use_global_tree=False, use_prompt_history=False, num_speculative_tokens=4)
+    )
+    drafter.begin_step(1)
+    loop = [1, 2, 3, 4, 5, 6, 7, 8]
+    drafter.start_request(1, loop * 4)
+    own = SOURCES.index("own")
+    for _ in range(10):  # the target rejects every draft: the factor drops
+        drafter.propose([1])
+        drafter.extend_request(1, [99])
+        drafter.extend_request(1, loop)
+    proposal = drafter.propose([1])
+    bucket = int(np.log2(proposal.drafts.match_lens[0])) if proposal.drafts.match_lens[0] else 0
+    bucket = min(bucket, 4)
+    assert drafter.calibration.factors()[own, bucket] < 0.9
+    num = proposal.drafts.num_tokens[0]
+    raw_expected = np.cumprod(proposal.drafts.probs[0, :num]).sum()
+    before = drafter.calibration.expected[own, bucket]
+    drafter.extend_request(1, proposal.draft_tokens()[0])
+    assert drafter.calibration.expected[own, bucket] - before == pytest.approx(raw_expected)

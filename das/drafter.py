@@ -62,7 +62,7 @@ class _Request:
     pending_tokens: np.ndarray | None = None
     pending_source: int = -1
     pending_bucket: int = 0
-    pending_expected: float = 0.0
+    pending_probs: np.ndarray | None = None  # raw conditional probabilities of the draft
 
 
 NUM_MATCH_BUCKETS = 5  # match lengths 1, 2-3, 4-7, 8-15, 16+
@@ -74,14 +74,17 @@ def match_bucket(match_lens: np.ndarray) -> np.ndarray:
 
 
 class AcceptanceCalibration:
-    """Per (source, match-length bucket): accepted draft tokens / expected tokens.
+    """Per (source, match-length bucket): a factor on each draft token's conditional probability.
 
     The tree's count ratios are overconfident where counts are small (a count-1 chain says
     probability 1), and how much so depends on the source and on how long the match was: a
     one-token match in unseen text is noise, a 16-token match in the prompt's history is not.
-    Multiplying by the observed ratio makes scores comparable across sources and gives the
-    cost-model policy honest expectations. Sums decay at every step, so a bucket that stopped
-    being drafted drifts back to the prior (1) and gets explored again.
+    Draft tokens are verified in order until the first rejection, so the model is: token i is
+    accepted with probability ``min(1, f * p_i)`` given the ones before it. ``f`` is estimated
+    as accepted tokens / the sum of raw ``p_i`` over the positions actually tried (the accepted
+    ones and the first rejected one). A bucket with little data shrinks toward its source's
+    overall factor, and that toward 1. Sums decay every step, so buckets that stopped being
+    drafted drift back and get explored again.
     """
 
     def __init__(self, num_sources: int, prior: float = 8.0, decay: float = 0.5) -> None:
@@ -91,8 +94,16 @@ class AcceptanceCalibration:
         self.expected = np.zeros((num_sources, NUM_MATCH_BUCKETS))
 
     def factors(self) -> np.ndarray:
-        """[source, bucket] multipliers of draft probabilities."""
-        return (self.accepted + self.prior) / (self.expected + self.prior)
+        """[source, bucket] multipliers of conditional draft-token probabilities."""
+        per_source = (self.accepted.sum(axis=1) + self.prior) / (
+            self.expected.sum(axis=1) + self.prior
+        )
+        return (self.accepted + self.prior * per_source[:, None]) / (self.expected + self.prior)
+
+    def calibrate(self, probs: np.ndarray, factors: np.ndarray) -> np.ndarray:
+        """[rows, K] calibrated cumulative probabilities from raw conditional ``probs`` (0 past
+        each draft) and one factor per row."""
+        return np.cumprod(np.minimum(probs * factors[:, None], 1.0), axis=1)
 
     def new_step(self) -> None:
         self.accepted *= self.decay
@@ -229,7 +240,10 @@ class DASDrafter:
         accepted = np.cumprod(drafts == truth, axis=1).sum(axis=1)
         sources = np.array([requests[i].pending_source for i in rows])
         buckets = np.array([requests[i].pending_bucket for i in rows])
-        expected = np.array([requests[i].pending_expected for i in rows])
+        # Raw probability mass of the positions tried: the accepted ones and the first reject.
+        expected = np.array(
+            [requests[i].pending_probs[: a + 1].sum() for i, a in zip(rows, accepted, strict=True)]
+        )
         np.add.at(self.calibration.accepted, (sources, buckets), accepted)
         np.add.at(self.calibration.expected, (sources, buckets), expected)
         self.stats.num_accepted_tokens += int(accepted.sum())
@@ -335,19 +349,16 @@ class DASDrafter:
                 max_spec_factor=self.config.max_spec_factor,
             )
         factors = self.calibration.factors()
-        if not self.config.calibrate:
-            factors = np.ones_like(factors)
         scores = np.full((len(SOURCES), rows), -1.0)
         for source in self._enabled_sources:
             batch = batches[source]
-            scores[source] = batch.scores * factors[source, match_bucket(batch.match_lens)]
+            row_factors = factors[source, match_bucket(batch.match_lens)]
+            scores[source] = self._calibrated(batch, row_factors).sum(axis=1)
         chosen = np.argmax(scores, axis=0)  # first maximum: SOURCES order breaks ties
         drafts = _gather(batches, chosen, rows, k)
         buckets = match_bucket(drafts.match_lens)
-        raw_cumulative = drafts.cumulative_probs()
-        # Calibrated cumulative probabilities: what the policy decides from. The calibration
-        # itself compares acceptance with the raw (uncalibrated) expectation.
-        cumulative = np.minimum(raw_cumulative * factors[chosen, buckets][:, None], 1.0)
+        # Calibrated cumulative acceptance probabilities: what the policy decides from.
+        cumulative = self._calibrated(drafts, factors[chosen, buckets])
         sources = np.where(drafts.num_tokens > 0, chosen, -1).astype(np.int8)
         budgets = caps
         if self.policy is not None and rows:
@@ -360,9 +371,16 @@ class DASDrafter:
             request.pending_tokens = drafts.tokens[i, :num].copy()
             request.pending_source = int(sources[i])
             request.pending_bucket = int(buckets[i])
-            request.pending_expected = float(raw_cumulative[i, :num].sum())
+            request.pending_probs = drafts.probs[i, :num].copy()
         self._count(drafts, sources)
         return Proposal(drafts, sources, budgets)
+
+    def _calibrated(self, batch: DraftBatch, row_factors: np.ndarray) -> np.ndarray:
+        mask = np.arange(batch.probs.shape[1])[None, :] < batch.num_tokens[:, None]
+        probs = np.where(mask, batch.probs, 0.0)
+        if not self.config.calibrate:
+            return np.cumprod(probs, axis=1)
+        return self.calibration.calibrate(probs, row_factors)
 
     def _policy_budgets(
         self, requests: list[_Request], drafts: DraftBatch, cumulative: np.ndarray

@@ -55,6 +55,8 @@ def build_drafter(
         return DASDrafter(settings, policy=LengthClassBudgetPolicy())
     if method == "das_cost_model":
         settings = DASConfig.from_dict({**base, "policy": "cost_model"})
-        policy = CostModelPolicy(cost, max_budget=k, weight_by_length=True)
+        # Unweighted tokens per second: weighting predicted-long requests traded throughput
+        # for the critical path and measured worse in replays under both cost curves.
+        policy = CostModelPolicy(cost, max_budget=k, weight_by_length=False, min_relative_gain=0.02)
         return DASDrafter(settings, policy=policy, cost=cost)
     raise ValueError(f"method={method!r} must be one of {METHODS}")

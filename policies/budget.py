@@ -246,6 +246,7 @@ def optimal_budgets(
     context_tokens: int = 0,
     weights: np.ndarray | None = None,
     max_budget: int | None = None,
+    min_relative_gain: float = 0.0,
 ) -> np.ndarray:
     """Budgets that maximise expected produced tokens per second of step time.
 
@@ -272,6 +273,9 @@ def optimal_budgets(
             lengths); passed to ``cost``.
         weights: per-request weights >= 0 (default 1), e.g. to favour long requests.
         max_budget: cap on every budget (default: the draft lengths).
+        min_relative_gain: draft only if the best rate beats not drafting by this fraction; a
+            margin against errors in the probabilities (drafting that is predicted to gain
+            less than the estimates can be trusted is skipped).
 
     Returns:
         int64 budgets, one per request.
@@ -298,6 +302,8 @@ def optimal_budgets(
     rate = produced / times
     best = float(rate.max())
     num_drafted = int(np.flatnonzero(rate >= best - 1e-12 * abs(best))[0])
+    if best < rate[0] * (1.0 + min_relative_gain):
+        num_drafted = 0
     return np.bincount(request[order[:num_drafted]], minlength=num_requests).astype(np.int64)
 
 
@@ -459,12 +465,14 @@ class CostModelPolicy(BudgetPolicy):
         weight_by_length: weigh requests by :func:`remaining_length_weights`, so that drafts
             go first to the requests predicted to run longest.
         max_weight_ratio: clip of those weights around the batch mean.
+        min_relative_gain: see :func:`optimal_budgets` (a margin against estimation error).
     """
 
     cost_source: StepCostModel | OnlineCostFitter
     max_budget: int | None = None
     weight_by_length: bool = False
     max_weight_ratio: float = 4.0
+    min_relative_gain: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.cost_source, (StepCostModel, OnlineCostFitter)):
@@ -474,6 +482,7 @@ class CostModelPolicy(BudgetPolicy):
         if self.max_budget is not None:
             check_int(self.max_budget, "max_budget", minimum=0)
         check_real(self.max_weight_ratio, "max_weight_ratio", minimum=1.0)
+        check_real(self.min_relative_gain, "min_relative_gain", minimum=0.0)
 
     @property
     def cost_model(self) -> StepCostModel:
@@ -496,4 +505,5 @@ class CostModelPolicy(BudgetPolicy):
             context_tokens=int(batch.context_tokens.sum()),
             weights=weights,
             max_budget=self.max_budget,
+            min_relative_gain=self.min_relative_gain,
         )

@@ -150,10 +150,10 @@ def test_lifecycle_misuse_names_the_request():
         drafter.start_request("e", [])
 
 
-def test_calibration_compares_acceptance_with_the_raw_tree_expectation():
+def test_calibration_compares_acceptance_with_the_raw_tree_probabilities():
     # Once a source's factor is below 1, what it records as "expected" must still be the tree's
-    # own expectation (sum of raw cumulative probabilities); recording the calibrated value would
-    # make the factor measure f / f_previous and oscillate instead of converging.
+    # own raw probabilities of the positions tried; recording calibrated values would make the
+    # factor measure f / f_previous and oscillate instead of converging.
     drafter = DASDrafter(
         DASConfig(use_global_tree=False, use_prompt_history=False, num_speculative_tokens=4)
     )
@@ -170,7 +170,10 @@ def test_calibration_compares_acceptance_with_the_raw_tree_expectation():
     bucket = min(bucket, 4)
     assert drafter.calibration.factors()[own, bucket] < 0.9
     num = proposal.drafts.num_tokens[0]
-    raw_expected = np.cumprod(proposal.drafts.probs[0, :num]).sum()
     before = drafter.calibration.expected[own, bucket]
-    drafter.extend_request(1, proposal.draft_tokens()[0])
-    assert drafter.calibration.expected[own, bucket] - before == pytest.approx(raw_expected)
+    # The target accepts the first token only: positions tried are the first two.
+    draft = proposal.draft_tokens()[0]
+    assert num >= 2
+    drafter.extend_request(1, [draft[0], 99])
+    tried = proposal.drafts.probs[0, :2].sum()
+    assert drafter.calibration.expected[own, bucket] - before == pytest.approx(tried)

@@ -360,3 +360,16 @@ def test_policy_and_view_validation() -> None:
     with pytest.raises(ValueError, match="length_class='xl' must be one of"):
         view("a", length_class="xl")
     assert view("a", length_class="long").length_class is LONG
+
+
+def test_min_relative_gain_skips_drafting_that_gains_too_little():
+    from policies.budget import optimal_budgets
+    from policies.cost_model import StepCostModel
+
+    # One request; its step costs 1.0 + 0.2 per token. Without a draft: 1 token in 1.2 s; with
+    # one draft token accepted with probability 0.3: 1.3 tokens in 1.4 s, a rate 11.4% higher.
+    cost = StepCostModel(c_base=1.0, c_tok=0.2)
+    draft = [np.array([0.3])]
+    assert optimal_budgets(draft, cost).tolist() == [1]
+    assert optimal_budgets(draft, cost, min_relative_gain=0.10).tolist() == [1]
+    assert optimal_budgets(draft, cost, min_relative_gain=0.12).tolist() == [0]

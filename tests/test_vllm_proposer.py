@@ -1,0 +1,313 @@
+"""The vLLM proposer against a simulated model runner (no engine, no model; seconds).
+
+``FakeEngine`` plays vLLM 0.32's scheduler and runner around :class:`DASProposer` as the patch
+point wires it: ``on_schedule`` before each step (with the previous step's finished requests),
+then greedy verification of the last drafts against a deterministic "model", then ``propose``
+with the runner's arrays. The model's next token depends only on the prompt and the position,
+so every step repeats the previous step's rollouts and history drafts must be accepted in full.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from das.vllm_api import das_speculative_config
+from das.vllm_proposer import DASProposer, classify_finish
+
+VOCAB = 1000
+EOS = 999
+MAX_MODEL_LEN = 96
+K = 4
+
+
+def next_token(prompt: list[int], position: int) -> int:
+    """The fake model: a token determined by the prompt and the output position."""
+    return (sum(prompt) * 7 + position * 13) % 500 + 1
+
+
+def make_config(**das: object) -> SimpleNamespace:
+    return SimpleNamespace(
+        speculative_config=SimpleNamespace(num_speculative_tokens=K),
+        model_config=SimpleNamespace(max_model_len=MAX_MODEL_LEN, get_vocab_size=lambda: VOCAB),
+        additional_config={"das": {"policy": "fixed", **das}},
+        device_config=SimpleNamespace(device_type="cpu"),
+    )
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeEngine:
+    """Scheduler + runner bookkeeping of vLLM 0.32 (sync scheduling), greedy verification."""
+
+    def __init__(self, proposer: DASProposer, max_rows: int = 8) -> None:
+        self.proposer = proposer
+        self.clock = proposer._clock
+        self.requests: dict[str, SimpleNamespace] = {}
+        self.input_batch = SimpleNamespace(req_ids=[])
+        self.token_ids_cpu = np.zeros((max_rows, MAX_MODEL_LEN), np.int32)
+        self.num_tokens_no_spec = np.zeros(max_rows, np.int64)
+        self.drafts: dict[str, list[int]] = {}
+        self.finished: list[str] = []
+        self.outputs: dict[str, list[int]] = {}
+        self.num_accepted = 0
+
+    def add(
+        self,
+        rid: str,
+        prompt: list[int],
+        max_tokens: int,
+        stop_at: int | None = None,
+        **extra: object,
+    ) -> None:
+        params = SimpleNamespace(
+            max_tokens=max_tokens, eos_token_id=EOS, stop_token_ids=[], extra_args=extra or None
+        )
+        state = SimpleNamespace(
+            prompt_token_ids=list(prompt),
+            sampling_params=params,
+            output_token_ids=[],
+            stop_at=stop_at,
+            new=True,
+        )
+        self.requests[rid] = state
+
+    def abort(self, rid: str) -> None:
+        self.finished.append(rid)
+
+    def step(self) -> None:
+        """One engine step: schedule, verify drafts, bookkeeping, propose."""
+        finished, self.finished = self.finished, []
+        for rid in finished:
+            if rid in self.input_batch.req_ids:
+                self.input_batch.req_ids.remove(rid)
+        running = [rid for rid in self.requests if rid not in finished]
+        scheduled = sum(1 + len(self.drafts.get(rid, [])) for rid in running)
+        self.proposer.on_schedule(
+            self,
+            SimpleNamespace(finished_req_ids=set(finished), total_num_scheduled_tokens=scheduled),
+        )
+        for rid in finished:
+            self.requests.pop(rid, None)
+            self.drafts.pop(rid, None)
+        self.input_batch.req_ids = list(self.requests)
+        sampled = []
+        for row, rid in enumerate(self.input_batch.req_ids):
+            state = self.requests[rid]
+            if state.new:
+                state.new = False
+                prompt = state.prompt_token_ids
+                self.token_ids_cpu[row, : len(prompt)] = prompt
+                self.num_tokens_no_spec[row] = len(prompt)
+            else:  # the runner's arrays follow its rows (rows only shrink from the end here)
+                n = len(state.prompt_token_ids) + len(state.output_token_ids)
+                self.token_ids_cpu[row, :n] = state.prompt_token_ids + state.output_token_ids
+                self.num_tokens_no_spec[row] = n
+            tokens = self._verify(rid, state)
+            n = int(self.num_tokens_no_spec[row])
+            self.token_ids_cpu[row, n : n + len(tokens)] = tokens
+            self.num_tokens_no_spec[row] = n + len(tokens)
+            state.output_token_ids.extend(tokens)
+            sampled.append(tokens)
+            reason, num_kept = self._classify(state)
+            if reason is not None:
+                self.finished.append(rid)
+                self.outputs[rid] = state.output_token_ids[:num_kept]
+        self.clock.now += 0.01 * (1 + scheduled)
+        drafts = self.proposer.propose(sampled, self.num_tokens_no_spec, self.token_ids_cpu)
+        assert len(drafts) == len(sampled)
+        self.drafts = dict(zip(self.input_batch.req_ids, drafts, strict=True))
+
+    def _target(self, state: SimpleNamespace, position: int) -> int:
+        if state.stop_at is not None and position == state.stop_at:
+            return EOS
+        return next_token(state.prompt_token_ids, position)
+
+    def _verify(self, rid: str, state: SimpleNamespace) -> list[int]:
+        position = len(state.output_token_ids)
+        tokens = []
+        for draft_token in self.drafts.get(rid, []):
+            truth = self._target(state, position + len(tokens))
+            if draft_token != truth:
+                break
+            tokens.append(truth)
+            self.num_accepted += 1
+        tokens.append(self._target(state, position + len(tokens)))  # the bonus token
+        return tokens
+
+    def _classify(self, state: SimpleNamespace) -> tuple[str | None, int]:
+        return classify_finish(
+            state.output_token_ids,
+            len(state.prompt_token_ids),
+            state.sampling_params.max_tokens,
+            EOS,
+            (),
+            MAX_MODEL_LEN,
+        )
+
+    def run(self, max_steps: int = 200) -> None:
+        for _ in range(max_steps):
+            if not self.requests and not self.finished:
+                return
+            self.step()
+        raise AssertionError("requests did not finish")
+
+
+def make_proposer(**das: object) -> DASProposer:
+    return DASProposer(make_config(**das), clock=FakeClock(), register_plugin=lambda: True)
+
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+
+
+def run_step(engine: FakeEngine, step_name: str, samples: int = 2, **extra: object) -> None:
+    for p, prompt in enumerate(PROMPTS):
+        for s in range(samples):
+            engine.add(f"{step_name}-{p}-{s}", prompt, max_tokens=24, **extra)
+    engine.run()
+
+
+def test_greedy_history_drafts_are_accepted_from_the_second_step() -> None:
+    proposer = make_proposer()
+    engine = FakeEngine(proposer)
+    run_step(engine, "a")
+    first = proposer.stats()
+    assert first["step"] == 1 and first["num_finished"] == 6 and first["num_running"] == 0
+    assert first["history"]["num_rollouts"] == 6
+    run_step(engine, "b")
+    second = proposer.stats()
+    assert second["step"] == 2  # implicit boundary: new requests while none was running
+    accepted_in_step_2 = second["num_accepted_tokens"] - first["num_accepted_tokens"]
+    drafted_in_step_2 = second["num_draft_tokens"] - first["num_draft_tokens"]
+    assert accepted_in_step_2 == drafted_in_step_2 > 0  # the model repeats itself exactly
+    assert second["num_accepted_tokens"] == engine.num_accepted
+    for rid, output in engine.outputs.items():
+        prompt = PROMPTS[int(rid.split("-")[1])]
+        assert output == [next_token(prompt, i) for i in range(24)]
+    assert second["num_proposer_failures"] == 0
+
+
+def test_explicit_step_and_prompt_key() -> None:
+    proposer = make_proposer()
+    engine = FakeEngine(proposer)
+    run_step(engine, "a", das_step=10, das_prompt_key="same")
+    run_step(engine, "b", das_step=10, das_prompt_key="same")  # same step: no boundary
+    assert proposer.stats()["step"] == 10
+    run_step(engine, "c", das_step=12, das_prompt_key="same")
+    stats = proposer.stats()
+    assert stats["step"] == 12
+    assert stats["history"]["num_prompts"] == 1  # one explicit key for all three prompts
+
+
+def test_stop_token_trims_history_and_abort_is_dropped() -> None:
+    proposer = make_proposer(window_steps=2)
+    engine = FakeEngine(proposer)
+    engine.add("stops", PROMPTS[0], max_tokens=24, stop_at=5)
+    engine.add("aborted", PROMPTS[1], max_tokens=24)
+    engine.step()
+    engine.step()
+    engine.abort("aborted")
+    engine.run()
+    stats = proposer.stats()
+    assert stats["num_finished"] == 1 and stats["num_aborted"] == 1
+    assert stats["history"]["num_rollouts"] == 1
+    assert stats["history"]["num_tokens"] == 2 * 6  # 5 tokens + EOS, in prompt and global trees
+    assert engine.outputs["stops"][-1] == EOS
+
+
+def test_drafter_fault_gives_empty_drafts_and_resyncs() -> None:
+    proposer = make_proposer()
+    engine = FakeEngine(proposer)
+    run_step(engine, "a", samples=1)
+    calls = {"n": 0}
+    original = proposer.drafter.extend_many
+
+    def flaky(ids, tokens):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return original(ids, tokens)
+
+    proposer.drafter.extend_many = flaky
+    run_step(engine, "b", samples=1)
+    stats = proposer.stats()
+    assert stats["num_proposer_failures"] == 1 and not stats["disabled"]
+    assert stats["num_finished"] == 6 and stats["num_running"] == 0
+    for rid, output in engine.outputs.items():
+        prompt = PROMPTS[int(rid.split("-")[1])]
+        assert output == [next_token(prompt, i) for i in range(24)]
+
+
+def test_out_of_vocab_drafts_are_cut() -> None:
+    proposer = make_proposer()
+    engine = FakeEngine(proposer)
+    run_step(engine, "a", samples=1)
+    real = proposer.drafter.propose
+
+    def corrupt(ids, max_tokens=None):
+        proposal = real(ids, max_tokens)
+        proposal.drafts.tokens[:, 1] = VOCAB + 5
+        return proposal
+
+    proposer.drafter.propose = corrupt
+    seen = []
+    real_step_propose = proposer.propose
+
+    def spy(*args, **kwargs):
+        drafts = real_step_propose(*args, **kwargs)
+        seen.extend(drafts)
+        return drafts
+
+    proposer.propose = spy
+    run_step(engine, "b", samples=1)
+    assert any(seen) and all(len(d) <= 1 for d in seen)
+
+
+def test_cost_model_policy_observes_step_times() -> None:
+    proposer = make_proposer(policy="cost_model")
+    engine = FakeEngine(proposer)
+    for name in "abc":
+        run_step(engine, name)
+    stats = proposer.stats()
+    assert stats["num_cost_observations"] > 10
+    assert stats["cost_model"]["c_tok"] == pytest.approx(0.01, rel=0.05)
+
+
+def test_classify_finish_replays_check_stop() -> None:
+    # EOS at the third token; the runner holds two more tokens from the verified draft.
+    assert classify_finish([4, 5, EOS, 6, 7], 10, 100, EOS, (), 1000) == ("stop", 3)
+    assert classify_finish([4, 5, 6], 10, 100, EOS, (5,), 1000) == ("stop", 2)
+    assert classify_finish([4, 5, 6, 7], 10, 3, EOS, (), 1000) == ("length", 3)
+    assert classify_finish([4, 5, 6], 10, 100, EOS, (), 12) == ("length", 2)
+    assert classify_finish([4, 5, 6], 10, 100, None, (), 1000) == (None, 3)  # aborted
+    assert classify_finish([EOS], 10, 100, None, (), 1000) == (None, 1)  # ignore_eos
+
+
+def test_das_speculative_config_is_exact_and_validated() -> None:
+    settings = das_speculative_config({"window_steps": 3}, num_speculative_tokens=6)
+    assert settings["speculative_config"] == {
+        "method": "custom_class",
+        "model": "das.vllm_proposer.DASProposer",
+        "num_speculative_tokens": 6,
+    }
+    assert settings["additional_config"]["das"]["window_steps"] == 3
+    assert settings["additional_config"]["das"]["num_speculative_tokens"] == 6
+    with pytest.raises(ValueError, match="bogus_key"):
+        das_speculative_config({"bogus_key": 1})
+    with pytest.raises(ValueError, match="disagrees"):
+        das_speculative_config({"num_speculative_tokens": 3}, num_speculative_tokens=6)
+
+
+def test_proposer_rejects_unknown_keys_and_mismatched_k() -> None:
+    with pytest.raises(ValueError, match="bogus_key"):
+        make_proposer(bogus_key=1)
+    with pytest.raises(ValueError, match="must equal"):
+        make_proposer(num_speculative_tokens=K + 1)

@@ -58,6 +58,9 @@ def add_replay_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "c_base,c_tok[,knee] in seconds (default: cpu=<measured CPU profile> and h100_7b)",
     )
     parser.add_argument("--k", type=int, default=16, help="max draft tokens per request (16)")
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="replays run in parallel (default: CPU count)"
+    )
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--plot", type=Path, help="write a PNG of per-step time and acceptance")
     return parser
@@ -78,7 +81,9 @@ def run_replay(args: argparse.Namespace) -> int:
         records = read_trace(args.trace)
     except ValueError as error:
         raise SystemExit(f"das-rollout replay: {error}") from error
-    comparison = compare_methods(records, methods, cost_models, num_speculative_tokens=args.k)
+    comparison = compare_methods(
+        records, methods, cost_models, num_speculative_tokens=args.k, jobs=args.jobs
+    )
     summary = comparison.trace_summary
     print(
         f"trace {args.trace}: {summary['num_rollouts']} rollouts, {summary['num_prompts']} "

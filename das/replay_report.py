@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
+import os
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from rollouts.trace import RolloutRecord, group_by_step
 logger = logging.getLogger(__name__)
 
 COST_DEPENDENT_METHODS = frozenset({"das_cost_model"})
+_START_METHODS = multiprocessing.get_all_start_methods()
 
 
 @dataclass
@@ -80,38 +84,62 @@ def summarize_trace(records: Sequence[RolloutRecord]) -> dict[str, Any]:
     }
 
 
+def _replay_job(
+    steps: Mapping[int, Sequence[RolloutRecord]], method: str, cost: StepCostModel, k: int
+) -> tuple[list[StepResult], dict[str, int] | None]:
+    drafter = build_drafter(method, cost, k)
+    replayed = replay_trace(steps, drafter, cost)
+    wins = dict(drafter.stats.tokens_by_source) if isinstance(drafter, DASDrafter) else None
+    return replayed, wins
+
+
 def compare_methods(
     records: Sequence[RolloutRecord],
     methods: Sequence[str],
     cost_models: Mapping[str, StepCostModel],
     num_speculative_tokens: int = 16,
     progress: bool = True,
+    jobs: int | None = None,
 ) -> Comparison:
-    """Replay every method on ``records`` under every cost model."""
+    """Replay every method on ``records`` under every cost model.
+
+    Replays are independent, so they run in ``jobs`` worker processes (default: one per CPU).
+    """
     if not records:
         raise ValueError("the trace holds no rollouts")
     steps = group_by_step(records)
     first_cost = next(iter(cost_models.values()))
     results: dict[str, dict[str, list[StepResult]]] = {name: {} for name in cost_models}
     source_wins: dict[str, dict[str, int]] = {}
-    jobs = [
+    work = [
         (method, cost_name)
         for method in methods
         for cost_name in (cost_models if method in COST_DEPENDENT_METHODS else [None])
     ]
     started = time.perf_counter()
-    iterator = jobs
-    if progress:
-        from tqdm import tqdm
+    jobs = jobs or os.cpu_count() or 1
+    context = multiprocessing.get_context("fork" if "fork" in _START_METHODS else "spawn")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(work)), mp_context=context) as pool:
+        futures = {
+            pool.submit(
+                _replay_job,
+                steps,
+                method,
+                cost_models[cost_name] if cost_name else first_cost,
+                num_speculative_tokens,
+            ): (method, cost_name)
+            for method, cost_name in work
+        }
+        done = as_completed(futures)
+        if progress:
+            from tqdm import tqdm
 
-        iterator = tqdm(jobs, desc="replay", unit="method")
-    for method, cost_name in iterator:
-        cost = cost_models[cost_name] if cost_name else first_cost
-        drafter = build_drafter(method, cost, num_speculative_tokens)
-        replayed = replay_trace(steps, drafter, cost)
-        if isinstance(drafter, DASDrafter):
-            label = method if cost_name is None else f"{method}@{cost_name}"
-            source_wins[label] = dict(drafter.stats.tokens_by_source)
+            done = tqdm(done, total=len(futures), desc="replay", unit="method")
+        outputs = {futures[future]: future.result() for future in done}
+    for method, cost_name in work:  # assembled in a fixed order, whatever finished first
+        replayed, wins = outputs[(method, cost_name)]
+        if wins is not None:
+            source_wins[method if cost_name is None else f"{method}@{cost_name}"] = wins
         targets = [cost_name] if cost_name else list(cost_models)
         for target in targets:
             results[target][method] = [r.modelled_under(cost_models[target]) for r in replayed]

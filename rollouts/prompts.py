@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rollouts.jsonl import read_jsonl_objects
+
 logger = logging.getLogger(__name__)
 
 GSM8K_HUB_NAME = "openai/gsm8k"
@@ -156,23 +158,7 @@ def _load_local(path: Path) -> list[Prompt]:
 
 def _read_json_rows(path: Path) -> dict[str, list[Any]]:
     """Columns of a jsonl file (one JSON object per line); every key seen becomes a column."""
-    import json
-
-    rows: list[dict[str, Any]] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"prompt file {path} is not readable: {error}") from error
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"prompt file {path}: line {line_number} is not valid JSON") from error
-        if not isinstance(row, dict):
-            raise ValueError(f"prompt file {path}: line {line_number} is not a JSON object")
-        rows.append(row)
+    rows = [row for _, row in read_jsonl_objects(path, "prompt file")]
     names = sorted({key for row in rows for key in row})
     return {name: [row.get(name) for row in rows] for name in names}
 

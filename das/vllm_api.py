@@ -16,7 +16,7 @@ The ``das`` plugin (entry point ``vllm.general_plugins``) must be installed in t
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,8 @@ from das.config import DASConfig
 
 if TYPE_CHECKING:
     import vllm
+
+logger = logging.getLogger(__name__)
 
 PROPOSER_CLASS = "das.vllm_proposer.DASProposer"
 WORKER_EXTENSION = "das.vllm_proposer.DASWorkerExtension"
@@ -106,10 +108,12 @@ def spec_decode_counters(llm: vllm.LLM) -> dict[str, int]:
 def das_stats(llm: vllm.LLM) -> dict[str, Any]:
     """vLLM's counters plus, with DAS's worker extension, the drafter's own (``"drafter"``).
 
-    ``drafter`` holds one dict per worker (None for a worker without DAS) or is absent when the
-    engine was started without :data:`WORKER_EXTENSION`.
+    ``drafter`` holds one dict per worker (None for a worker without DAS); it is absent when the
+    RPC fails, e.g. for an engine started without :data:`WORKER_EXTENSION`.
     """
     stats: dict[str, Any] = {"vllm": spec_decode_counters(llm)}
-    with contextlib.suppress(NotImplementedError):
+    try:
         stats["drafter"] = llm.collective_rpc("das_stats")
+    except Exception as error:  # no DAS worker extension: the RPC is unknown to the worker
+        logger.debug("das_stats RPC failed: %r", error)
     return stats

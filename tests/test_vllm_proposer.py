@@ -1,7 +1,7 @@
 """The vLLM proposer against a simulated model runner (no engine, no model; seconds).
 
 ``FakeEngine`` plays vLLM 0.32's scheduler and runner around :class:`DASProposer` as the patch
-point wires it: ``on_schedule`` before each step (with the previous step's finished requests),
+point wires it: ``das_on_schedule`` before each step (with the previous step's finished requests),
 then greedy verification of the last drafts against a deterministic "model", then ``propose``
 with the runner's arrays. The model's next token depends only on the prompt and the position,
 so every step repeats the previous step's rollouts and history drafts must be accepted in full.
@@ -91,7 +91,7 @@ class FakeEngine:
                 self.input_batch.req_ids.remove(rid)
         running = [rid for rid in self.requests if rid not in finished]
         scheduled = sum(1 + len(self.drafts.get(rid, [])) for rid in running)
-        self.proposer.on_schedule(
+        self.proposer.das_on_schedule(
             self,
             SimpleNamespace(finished_req_ids=set(finished), total_num_scheduled_tokens=scheduled),
         )

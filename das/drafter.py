@@ -376,11 +376,9 @@ class DASDrafter:
         return Proposal(drafts, sources, budgets)
 
     def _calibrated(self, batch: DraftBatch, row_factors: np.ndarray) -> np.ndarray:
-        mask = np.arange(batch.probs.shape[1])[None, :] < batch.num_tokens[:, None]
-        probs = np.where(mask, batch.probs, 0.0)
         if not self.config.calibrate:
-            return np.cumprod(probs, axis=1)
-        return self.calibration.calibrate(probs, row_factors)
+            return batch.cumulative_probs()
+        return self.calibration.calibrate(batch.masked_probs(), row_factors)
 
     def _policy_budgets(
         self, requests: list[_Request], drafts: DraftBatch, cumulative: np.ndarray

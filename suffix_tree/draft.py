@@ -58,8 +58,12 @@ class DraftBatch:
             int(self.match_lens[i]),
         )
 
+    def masked_probs(self) -> np.ndarray:
+        """[rows, max_tokens] per-token probabilities, 0 past each row's draft (the arrays may
+        hold stale values there: a kernel writes only a row's first ``num_tokens``)."""
+        mask = np.arange(self.probs.shape[1])[None, :] < self.num_tokens[:, None]
+        return np.where(mask, self.probs, 0.0)
+
     def cumulative_probs(self) -> np.ndarray:
         """[rows, max_tokens] cumulative acceptance probabilities, 0 past each row's draft."""
-        cumulative = np.cumprod(self.probs, axis=1)
-        mask = np.arange(self.probs.shape[1])[None, :] < self.num_tokens[:, None]
-        return np.where(mask, cumulative, 0.0)
+        return np.cumprod(self.masked_probs(), axis=1)

@@ -57,6 +57,12 @@ class _Request:
     own_id: tuple
     live_id: tuple | None
     num_prompt_tokens: int
+    # Forest handles, fixed while the request runs (its sequences and trees are removed only
+    # when it finishes or aborts; prompt trees are never dropped): -1 where absent.
+    own_slot: int
+    own_root: int
+    live_slot: int
+    prompt_root: int
     num_generated: int = 0
     # The last draft proposed and not yet resolved by extend: tokens, source, expected accepted.
     pending_tokens: np.ndarray | None = None
@@ -188,11 +194,22 @@ class DASDrafter:
         own_id = ("own", request_id)
         self.forest.append(own_id, prompt, tree=own_id)
         live_id = None
+        live_slot = -1
         if self.config.use_prompt_history:
             live_id = ("live", self._num_started)  # unique even if an engine reuses ids
             self.forest.append(live_id, (), tree=prompt_tree(key))
+            live_slot = self.forest.sequence_handle(live_id)
         self._num_started += 1
-        self._requests[request_id] = _Request(key, own_id, live_id, int(prompt.size))
+        self._requests[request_id] = _Request(
+            prompt_key=key,
+            own_id=own_id,
+            live_id=live_id,
+            num_prompt_tokens=int(prompt.size),
+            own_slot=self.forest.sequence_handle(own_id),
+            own_root=self.forest.tree_handle(own_id),
+            live_slot=live_slot,
+            prompt_root=self.forest.tree_handle(prompt_tree(key)),
+        )
         return key
 
     def extend_request(self, request_id: Hashable, tokens: Iterable[int] | np.ndarray) -> None:
@@ -212,10 +229,10 @@ class DASDrafter:
         self._resolve_pending(requests, arrays)
         for request, array in zip(requests, arrays, strict=True):
             request.num_generated += int(array.size)
-            slots.append(self.forest.sequence_handle(request.own_id))
+            slots.append(request.own_slot)
             chunks.append(array)
-            if request.live_id is not None:
-                slots.append(self.forest.sequence_handle(request.live_id))
+            if request.live_slot >= 0:
+                slots.append(request.live_slot)
                 chunks.append(array)
         if not slots:
             return
@@ -335,12 +352,15 @@ class DASDrafter:
         rows = len(request_ids)
         k = self.config.num_speculative_tokens
         requests = [self._request(rid) for rid in request_ids]
-        context_slots = np.fromiter(
-            (self.forest.sequence_handle(r.own_id) for r in requests), np.int64, rows
+        context_slots = np.fromiter((r.own_slot for r in requests), np.int64, rows)
+        roots_by_source = (
+            np.fromiter((r.prompt_root for r in requests), np.int64, rows),
+            np.full(rows, self.forest.tree_handle(GLOBAL_TREE), np.int64),
+            np.fromiter((r.own_root for r in requests), np.int64, rows),
         )
         batches: list[DraftBatch | None] = [None] * len(SOURCES)
         for source in self._enabled_sources:
-            roots = np.fromiter((self._root(source, r) for r in requests), np.int64, rows)
+            roots = roots_by_source[source]
             batches[source] = self.forest.speculate_many(
                 roots,
                 context_slots,
@@ -398,13 +418,6 @@ class DASDrafter:
         )
         cost = self.cost.model if isinstance(self.cost, OnlineCostFitter) else self.cost
         return np.asarray(self.policy.batch_budgets(batch, cost), dtype=np.int64)
-
-    def _root(self, source: int, request: _Request) -> int:
-        if source == 0:
-            return self.forest.tree_handle(prompt_tree(request.prompt_key))
-        if source == 1:
-            return self.forest.tree_handle(GLOBAL_TREE)
-        return self.forest.tree_handle(request.own_id)
 
     def _count(self, drafts: DraftBatch, sources: np.ndarray) -> None:
         self.stats.num_proposals += len(drafts)

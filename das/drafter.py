@@ -118,7 +118,7 @@ class AcceptanceCalibration:
 
 @dataclass
 class DrafterStats:
-    """Counters since construction (or the last :meth:`reset`)."""
+    """Counters since the drafter was built."""
 
     num_proposals: int = 0
     num_draft_tokens: int = 0
@@ -126,9 +126,6 @@ class DrafterStats:
     wins_by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
     tokens_by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
     num_failures: int = 0
-
-    def reset(self) -> None:
-        self.__init__()
 
 
 class DASDrafter:

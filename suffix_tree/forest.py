@@ -93,15 +93,6 @@ class SuffixForest:
     def has_tree(self, tree: Hashable) -> bool:
         return tree in self._root_of
 
-    def tree_keys(self) -> list[Hashable]:
-        return list(self._root_of)
-
-    def num_sequences_in(self, tree: Hashable) -> int:
-        return len(self._seqs_in_tree.get(tree, ()))
-
-    def sequence_ids(self) -> list[Hashable]:
-        return list(self._slot_of)
-
     def _root(self, tree: Hashable) -> int:
         root = self._root_of.get(tree)
         if root is None:
@@ -121,9 +112,6 @@ class SuffixForest:
         del self._seqs_in_tree[tree]
 
     # ------------------------------------------------------------------------- sequences
-    def has_sequence(self, seq_id: Hashable) -> bool:
-        return seq_id in self._slot_of
-
     def sequence_length(self, seq_id: Hashable) -> int:
         return int(self._seq_len[self._slot(seq_id)])
 

@@ -11,19 +11,15 @@ from pathlib import Path
 
 from das.methods import METHOD_HELP, METHODS
 from policies.cost_model import StepCostModel
-from policies.profiles import load_profile
+from policies.profiles import MEASURED_CPU_PROFILE, load_profile
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CPU_PROFILE = (
-    Path(__file__).resolve().parent.parent / "benchmarks/results/step_cost_cpu.json"
-)
 
 
 def default_cost_specs() -> list[str]:
     specs = ["h100_7b=h100_7b"]
-    if DEFAULT_CPU_PROFILE.is_file():
-        specs.insert(0, f"cpu={DEFAULT_CPU_PROFILE}")
+    if MEASURED_CPU_PROFILE.is_file():
+        specs.insert(0, f"cpu={MEASURED_CPU_PROFILE}")
     return specs
 
 

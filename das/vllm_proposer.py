@@ -30,7 +30,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,7 @@ from das import methods, vllm_plugin
 from das.config import DASConfig
 from das.drafter import DASDrafter
 from policies.cost_model import OnlineCostFitter, StepCostModel
-from policies.profiles import load_profile
+from policies.profiles import MEASURED_CPU_PROFILE, load_profile
 
 logger = vllm_plugin.logger.getChild("proposer")
 
@@ -57,9 +56,6 @@ MAX_FAILURES = 20  # proposer faults before DAS turns itself off for the engine'
 # more token ~1.5 ms); GPU: a 7B model on one H100 (flat to ~256 tokens per step).
 CPU_PRIOR = StepCostModel(c_base=0.03, c_tok=0.0015)
 GPU_PRIOR = StepCostModel(c_base=0.015, c_tok=4e-5, knee_tokens=256.0)
-CPU_PROFILE = (
-    Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "step_cost_cpu.json"
-)
 
 
 def das_config_from_vllm(vllm_config: Any) -> DASConfig:
@@ -85,8 +81,8 @@ def default_cost_prior(on_cpu: bool) -> StepCostModel:
     profile = os.environ.get("DAS_COST_PROFILE")
     if profile:
         return load_profile(profile)
-    if on_cpu and CPU_PROFILE.is_file():
-        return load_profile(CPU_PROFILE)
+    if on_cpu and MEASURED_CPU_PROFILE.is_file():
+        return load_profile(MEASURED_CPU_PROFILE)
     return CPU_PRIOR if on_cpu else GPU_PRIOR
 
 

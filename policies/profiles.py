@@ -49,6 +49,12 @@ _H100_PROFILES: dict[str, tuple[str, int]] = {
 }
 PROFILE_NAMES: tuple[str, ...] = tuple(_H100_PROFILES)
 
+# This project's measurement of vLLM's step cost on its 2-core CPU machine
+# (scripts/measure_step_cost.py); present in a checkout, absent from an installed wheel.
+MEASURED_CPU_PROFILE = (
+    Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "step_cost_cpu.json"
+)
+
 
 def costs_dir() -> Path:
     """The shared costs folder: ``$DAS_COSTS_DIR`` if set, else ``<repo>/../shared/costs``."""

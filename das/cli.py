@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from das.cli_demo import add_demo_parser, run_demo
 from das.cli_record import add_record_parser, run_record
 from das.cli_replay import add_replay_parser, run_replay
+from das.cli_run import add_run_parser, run_run
 
 AddParser = Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
 Handler = Callable[[argparse.Namespace], int]
@@ -22,6 +23,7 @@ Handler = Callable[[argparse.Namespace], int]
 SUBCOMMANDS: dict[str, tuple[AddParser, Handler]] = {
     "record": (add_record_parser, run_record),
     "replay": (add_replay_parser, run_replay),
+    "run": (add_run_parser, run_run),
     "demo": (add_demo_parser, run_demo),
 }
 

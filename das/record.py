@@ -70,7 +70,8 @@ def metadata_path_for(output_path: str | os.PathLike[str]) -> Path:
     return path.with_name(f"{path.stem}.meta.json")
 
 
-def _write_json_atomically(data: dict[str, Any], path: Path) -> None:
+def write_json_atomically(data: dict[str, Any], path: Path) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file, so readers never see half."""
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(temp_name, 0o644)
@@ -81,7 +82,7 @@ def _write_json_atomically(data: dict[str, Any], path: Path) -> None:
         Path(temp_name).unlink(missing_ok=True)
 
 
-def _progress_bar_factory(step: int, num_steps: int) -> Callable[..., Any]:
+def progress_bar_factory(step: int, num_steps: int) -> Callable[..., Any]:
     """A ``use_tqdm`` callable for ``llm.generate``: one bar over the step's requests.
 
     vLLM calls it twice: with an iterable to wrap while it renders the prompts (that bar is
@@ -214,7 +215,7 @@ def record_rollouts(
         outputs = llm.generate(
             engine_inputs,
             sampling_params,
-            use_tqdm=_progress_bar_factory(step, num_steps) if progress else False,
+            use_tqdm=progress_bar_factory(step, num_steps) if progress else False,
         )
         elapsed_s = time.perf_counter() - started
         if len(outputs) != len(requests):
@@ -256,7 +257,7 @@ def record_rollouts(
                 "num_generated_tokens": num_generated,
             }
         )
-        _write_json_atomically(metadata, metadata_path_for(output_path))
+        write_json_atomically(metadata, metadata_path_for(output_path))
         logger.info(
             "step %d/%d: %d rollouts, %d tokens in %.1f s (%.0f tok/s); %s",
             step + 1,
@@ -271,7 +272,7 @@ def record_rollouts(
     if records:
         summary = length_summary(records)
         metadata["length_summary"] = asdict(summary)
-        _write_json_atomically(metadata, metadata_path_for(output_path))
+        write_json_atomically(metadata, metadata_path_for(output_path))
         logger.info("recorded %s: %s", output_path, summary.describe())
     return records
 

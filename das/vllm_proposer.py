@@ -173,6 +173,7 @@ class DASProposer:
         self.num_aborted = 0
         self.num_failures = 0
         self.disabled = False
+        self.propose_s = 0.0  # wall time inside propose (drafting, bookkeeping, policy)
         logger.info(
             "DAS proposer: K=%d policy=%s cost prior=%s config=%s",
             self.num_speculative_tokens,
@@ -212,11 +213,14 @@ class DASProposer:
         num_rows = len(sampled_token_ids)
         if self.disabled:
             return [[] for _ in range(num_rows)]
+        started = time.perf_counter()
         try:
             return self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         except Exception:
             self._fail("propose")
             return [[] for _ in range(num_rows)]
+        finally:
+            self.propose_s += time.perf_counter() - started
 
     # --------------------------------------------------------------------- syncing
     def _propose(
@@ -399,8 +403,12 @@ class DASProposer:
             "num_accepted_tokens": drafter_stats.num_accepted_tokens,
             "wins_by_source": dict(drafter_stats.wins_by_source),
             "tokens_by_source": dict(drafter_stats.tokens_by_source),
+            "drafts_by_class": dict(drafter_stats.drafts_by_class),
+            "draft_tokens_by_class": dict(drafter_stats.draft_tokens_by_class),
+            "accepted_by_class": dict(drafter_stats.accepted_by_class),
             "num_drafter_failures": drafter_stats.num_failures,
             "num_proposer_failures": self.num_failures,
+            "propose_s": self.propose_s,
             "num_finished": self.num_finished,
             "num_aborted": self.num_aborted,
             "disabled": self.disabled,

@@ -1,0 +1,114 @@
+"""Tables, JSON and a PNG for live rollout comparisons (:mod:`das.live_bench`)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from das.live_bench import LiveWorkload, MethodRun, summarize
+
+
+def compare_steps_for(workload: LiveWorkload) -> list[int]:
+    """Steps 2.. (0-based 1..): step 1 has no history for any method to draft from."""
+    return list(range(1, workload.num_steps)) or [0]
+
+
+def build_report(
+    runs: dict[str, MethodRun], workload: LiveWorkload, command: str
+) -> dict[str, Any]:
+    """The benchmark's JSON: per method and step, plus a summary over steps 2.. against none."""
+    compare = compare_steps_for(workload)
+    summary = summarize(runs, compare)
+    identities = [
+        entry["identity"]["identical"]
+        for entry in summary.values()
+        if entry.get("identity") and entry["identity"]["identical"] is not None
+    ]
+    return {
+        "command": command,
+        "workload": asdict(workload),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_avg_1m_at_write": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        },
+        "methods": {name: run.to_dict() for name, run in runs.items()},
+        "summary": summary,
+        # Greedy identity probe (temperature 0, after the measured steps) against ``none``.
+        "greedy_identical": all(identities) if identities else None,
+    }
+
+
+def format_table(runs: dict[str, MethodRun], workload: LiveWorkload) -> str:
+    """Per-step wall time, iterations, tokens/s and accepted length; then steps 2.. vs none."""
+    lines = [
+        f"{'method':<11} {'step':>4} {'wall s':>8} {'iters':>6} {'tokens':>7} {'tok/s':>7} "
+        f"{'acc len':>7} {'drafted':>8} {'mean len':>8} {'trunc':>6}"
+    ]
+    for name, run in runs.items():
+        for s in run.steps:
+            lines.append(
+                f"{name:<11} {s.step + 1:>4} {s.wall_s:>8.1f} {s.decode_iterations:>6} "
+                f"{s.output_tokens:>7} {s.output_tokens / s.wall_s:>7.0f} "
+                f"{s.mean_accepted_len:>7.2f} {s.draft_tokens:>8} {s.mean_response_len:>8.0f} "
+                f"{s.share_truncated:>6.0%}"
+            )
+        if run.error:
+            lines.append(f"{name:<11} FAILED: {run.error}")
+    compare = compare_steps_for(workload)
+    summary = summarize(runs, compare)
+    lines.append("")
+    lines.append(f"steps {compare[0] + 1}-{compare[-1] + 1} against none:")
+    for name, entry in summary.items():
+        if not entry.get("complete"):
+            lines.append(f"  {name:<11} incomplete")
+            continue
+        speedup = entry.get("speedup_vs_none")
+        iterations = entry.get("iterations_vs_none")
+        identity = entry.get("identity") or {}
+        lines.append(
+            f"  {name:<11} {entry['wall_s']:8.1f} s"
+            + (f"  speedup {speedup:5.2f}x" if speedup else "")
+            + (f"  iterations {iterations:5.2f}x" if iterations else "")
+            + (
+                f"  greedy probe identical {identity['num_identical']}/{identity['num_sequences']}"
+                if identity
+                else ""
+            )
+        )
+    return "\n".join(lines)
+
+
+def plot_live(runs: dict[str, MethodRun], path: str | os.PathLike[str], title: str) -> Path:
+    """PNG: per-step wall time and engine iterations, one bar per method (Agg, no display)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure = Figure(figsize=(10, 4), dpi=120)
+    FigureCanvasAgg(figure)
+    panels = (("wall_s", "wall time per step (s)"), ("decode_iterations", "engine iterations"))
+    names = [name for name, run in runs.items() if run.steps]
+    num_steps = max((len(runs[name].steps) for name in names), default=0)
+    width = 0.8 / max(len(names), 1)
+    for panel, (attribute, label) in enumerate(panels, start=1):
+        axes = figure.add_subplot(1, 2, panel)
+        for position, name in enumerate(names):
+            steps: Sequence[Any] = runs[name].steps
+            x = np.arange(len(steps)) + position * width
+            axes.bar(x, [getattr(s, attribute) for s in steps], width=width, label=name)
+        axes.set_xticks(np.arange(num_steps) + 0.4 - width / 2)
+        axes.set_xticklabels([f"step {i + 1}" for i in range(num_steps)])
+        axes.set_ylabel(label)
+        if panel == 1:
+            axes.legend(fontsize="small")
+    figure.suptitle(title, fontsize="medium")
+    figure.tight_layout()
+    figure.savefig(path)
+    return path

@@ -1,0 +1,54 @@
+"""Live rollout benchmark on vLLM: no speculation, vLLM ngram, vLLM suffix, DAS fixed, DAS policy.
+
+Two preset workloads (any ``das-rollout run`` option given after them overrides the preset):
+
+* ``--workload rl`` (default): RL-shaped, 32 GSM8K prompts x 8 samples x 4 steps, 512 tokens,
+  T=0.6: 256 concurrent requests, which makes decode compute-bound on a 2-core CPU.
+  Writes ``benchmarks/results/rollout_cpu.json`` and ``.png``.
+* ``--workload small``: 4 prompts x 2 samples x 4 steps (8 concurrent requests, where a step's
+  cost hardly grows with its tokens). Writes ``benchmarks/results/rollout_cpu_small.json``.
+
+Each method gets its own engine, one after the other, with identical settings; the JSON is
+rewritten after every method. Ratios against ``none`` (steps 2-4) are printed at the end.
+
+    python scripts/bench_rollout.py --workload small
+    python scripts/bench_rollout.py --workload rl --temperature 1.0 --json /tmp/rl_t10.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from das.cli import main
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+PRESETS = {
+    "rl": {
+        "args": ["--num-prompts", "32", "--samples", "8", "--steps", "4", "--max-tokens", "512"],
+        "stem": "rollout_cpu",
+    },
+    "small": {
+        "args": ["--num-prompts", "4", "--samples", "2", "--steps", "4", "--max-tokens", "512"],
+        "stem": "rollout_cpu_small",
+    },
+}
+
+
+def build_argv(argv: list[str]) -> list[str]:
+    """``das-rollout run`` arguments: the preset's, its default outputs, then the user's."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
+    parser.add_argument("--workload", choices=sorted(PRESETS), default="rl")
+    known, rest = parser.parse_known_args(argv)
+    preset = PRESETS[known.workload]
+    outputs = []
+    if "--json" not in rest:
+        outputs += ["--json", str(RESULTS / f"{preset['stem']}.json")]
+    if "--plot" not in rest:
+        outputs += ["--plot", str(RESULTS / f"{preset['stem']}.png")]
+    return ["run", "--temperature", "0.6", *preset["args"], *outputs, *rest]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(build_argv(sys.argv[1:])))

@@ -1,0 +1,145 @@
+"""The live benchmark's bookkeeping: engine arguments per method, summaries, identity, report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from das.live_bench import (
+    LIVE_METHODS,
+    EngineCounters,
+    LiveWorkload,
+    MethodRun,
+    StepMeasurement,
+    engine_kwargs_for,
+    identity_report,
+    summarize,
+)
+from das.live_report import build_report, format_table, plot_live
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def step(index: int, wall_s: float, iterations: int, drafts: int = 0, accepted: int = 0):
+    return StepMeasurement(
+        step=index,
+        wall_s=wall_s,
+        decode_iterations=iterations,
+        output_tokens=100,
+        num_requests=4,
+        num_drafts=drafts,
+        draft_tokens=4 * drafts,
+        accepted_tokens=accepted,
+        mean_response_len=25.0,
+        share_truncated=0.25,
+    )
+
+
+def make_runs() -> dict[str, MethodRun]:
+    none = MethodRun("none", {}, steps=[step(i, 2.0, 100) for i in range(3)])
+    none.probe_tokens = [[1, 2, 3], [4, 5]]
+    das = MethodRun("das_policy", engine_kwargs_for("das_policy", 8))
+    das.steps = [step(0, 2.2, 100), step(1, 1.0, 50, 40, 60), step(2, 1.5, 70, 30, 30)]
+    das.probe_tokens = [[1, 2, 3], [4, 6]]
+    return {"none": none, "das_policy": das}
+
+
+def test_engine_kwargs_differ_only_in_speculation() -> None:
+    assert engine_kwargs_for("none", 8) == {}
+    assert engine_kwargs_for("ngram", 8)["speculative_config"]["method"] == "ngram"
+    assert engine_kwargs_for("suffix", 8)["speculative_config"] == {
+        "method": "suffix",
+        "num_speculative_tokens": 8,
+    }
+    fixed = engine_kwargs_for("das_fixed", 8)
+    policy = engine_kwargs_for("das_policy", 8)
+    assert fixed["speculative_config"]["method"] == "custom_class"
+    assert fixed["additional_config"]["das"]["policy"] == "fixed"
+    assert policy["additional_config"]["das"]["policy"] == "cost_model"
+    assert policy["speculative_config"]["num_speculative_tokens"] == 8
+    with pytest.raises(ValueError, match="method='eagle'"):
+        engine_kwargs_for("eagle", 8)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("num_prompts", 0), ("num_steps", -1), ("max_tokens", 1.5), ("probe_tokens", -1)],
+)
+def test_workload_rejects_bad_values_naming_them(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        LiveWorkload(**{field: value})
+
+
+def test_counters_difference() -> None:
+    before = EngineCounters(iterations=3, generation_tokens=10, num_drafts=1)
+    after = EngineCounters(iterations=8, generation_tokens=30, num_drafts=4, num_accepted_tokens=5)
+    delta = after.minus(before)
+    assert (delta.iterations, delta.generation_tokens, delta.num_drafts) == (5, 20, 3)
+    assert delta.num_accepted_tokens == 5
+
+
+def test_mean_accepted_len_is_vllms_definition() -> None:
+    assert step(0, 1.0, 10).mean_accepted_len == 1.0
+    assert step(0, 1.0, 10, drafts=40, accepted=60).mean_accepted_len == pytest.approx(2.5)
+
+
+def test_identity_report_finds_first_divergence() -> None:
+    report = identity_report([[1, 2, 3], [4, 5], [7]], [[1, 2, 3], [4, 6], [7, 8]])
+    assert report["identical"] is False
+    assert report["num_identical"] == 1
+    assert report["first_divergence"] == [None, 1, 1]
+    assert identity_report([[1, 2]], [[1, 2]])["identical"] is True
+    assert identity_report([], [[1]])["identical"] is None
+
+
+def test_summary_compares_steps_two_on_against_none() -> None:
+    summary = summarize(make_runs(), [1, 2])
+    das = summary["das_policy"]
+    assert das["wall_s"] == pytest.approx(2.5)
+    assert das["speedup_vs_none"] == pytest.approx(4.0 / 2.5)
+    assert das["iterations_vs_none"] == pytest.approx(120 / 200)
+    assert das["per_step_wall_vs_none"] == pytest.approx([1.1, 0.5, 0.75])
+    assert das["identity"]["identical"] is False
+    incomplete = make_runs()
+    incomplete["das_policy"].steps = incomplete["das_policy"].steps[:2]
+    assert summarize(incomplete, [1, 2])["das_policy"] == {"complete": False}
+
+
+def test_report_has_the_issue_schema(tmp_path: Path) -> None:
+    runs = make_runs()
+    workload = LiveWorkload(num_prompts=2, num_samples=2, num_steps=3)
+    report = json.loads(json.dumps(build_report(runs, workload, "das-rollout run")))
+    assert report["command"] == "das-rollout run"
+    assert report["greedy_identical"] is False
+    for name, method in report["methods"].items():
+        assert name in LIVE_METHODS
+        for entry in method["steps"]:
+            for key, kind in (
+                ("step", int),
+                ("wall_s", float),
+                ("decode_iterations", int),
+                ("output_tokens", int),
+                ("mean_accepted_len", float),
+            ):
+                assert isinstance(entry[key], kind), (name, key)
+    table = format_table(runs, workload)
+    assert "das_policy" in table and "greedy probe identical 1/2" in table
+    png = plot_live(runs, tmp_path / "live.png", "test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_script_presets_and_overrides() -> None:
+    path = ROOT / "scripts" / "bench_rollout.py"
+    spec = importlib.util.spec_from_file_location("bench_rollout", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = module.build_argv(["--workload", "small", "--temperature", "1.0", "--json", "x.json"])
+    assert argv[0] == "run"
+    assert argv[argv.index("--num-prompts") + 1] == "4"
+    # the user's options come last, so they override the preset's
+    assert argv[len(argv) - 1 - argv[::-1].index("--temperature") + 1] == "1.0"
+    assert argv.count("--json") == 1 and "--plot" in argv
+    assert module.build_argv([])[module.build_argv([]).index("--num-prompts") + 1] == "32"

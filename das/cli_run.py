@@ -28,7 +28,9 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         ),
     )
     parser.add_argument(
-        "--methods", default=",".join(LIVE_METHODS), help="comma-separated (default: all)"
+        "--methods",
+        default=",".join(LIVE_METHODS),
+        help="comma-separated, run in this order after none (default: all)",
     )
     parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded)")
     parser.add_argument("--dataset", default=None, help="prompt source (default: gsm8k)")
@@ -98,7 +100,7 @@ def run_run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
 
-    def save(runs: dict) -> None:  # after every method: a later crash loses nothing measured
+    def save(runs: dict) -> None:  # after every step: a later crash loses nothing measured
         if args.json:
             write_json_atomically(build_report(runs, workload, command), args.json)
             logger.info("wrote %s", args.json)

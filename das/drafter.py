@@ -131,6 +131,29 @@ class DrafterStats:
     drafts_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
     draft_tokens_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
     accepted_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
+    # The same three counts per RL step (key: step number) and per prompt key (all steps).
+    by_step: dict[int, dict[str, int]] = field(default_factory=dict)
+    by_prompt: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count(self, step: int, prompt_key: str, length_class: str, **amounts: int) -> None:
+        """Add ``amounts`` (drafts, draft_tokens, accepted) to the class, step and prompt."""
+        per_class = {
+            "drafts": self.drafts_by_class,
+            "draft_tokens": self.draft_tokens_by_class,
+            "accepted": self.accepted_by_class,
+        }
+        for table in (
+            self.by_step.setdefault(step, _counts()),
+            self.by_prompt.setdefault(prompt_key, _counts()),
+        ):
+            for name, amount in amounts.items():
+                table[name] += amount
+        for name, amount in amounts.items():
+            per_class[name][length_class] += amount
+
+
+def _counts() -> dict[str, int]:
+    return {"drafts": 0, "draft_tokens": 0, "accepted": 0}
 
 
 def _per_class() -> dict[str, int]:
@@ -271,7 +294,13 @@ class DASDrafter:
         np.add.at(self.calibration.expected, (sources, buckets), expected)
         self.stats.num_accepted_tokens += int(accepted.sum())
         for i, num_accepted in zip(rows, accepted, strict=True):
-            self.stats.accepted_by_class[self._length_class(requests[i]).value] += int(num_accepted)
+            request = requests[i]
+            self.stats.count(
+                self.step,
+                request.prompt_key,
+                self._length_class(request).value,
+                accepted=int(num_accepted),
+            )
         for i in rows:
             requests[i].pending_tokens = None
 
@@ -433,9 +462,14 @@ class DASDrafter:
         self.stats.num_proposals += len(drafts)
         self.stats.num_draft_tokens += int(drafts.num_tokens.sum())
         for i in np.flatnonzero(drafts.num_tokens > 0):
-            length_class = self._length_class(requests[i]).value
-            self.stats.drafts_by_class[length_class] += 1
-            self.stats.draft_tokens_by_class[length_class] += int(drafts.num_tokens[i])
+            request = requests[i]
+            self.stats.count(
+                self.step,
+                request.prompt_key,
+                self._length_class(request).value,
+                drafts=1,
+                draft_tokens=int(drafts.num_tokens[i]),
+            )
         for index, name in enumerate(SOURCES):
             mask = sources == index
             self.stats.wins_by_source[name] += int(mask.sum())

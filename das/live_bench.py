@@ -38,7 +38,6 @@ LIVE_METHOD_HELP = {
     "das_fixed": "DAS, every request drafts up to K tokens",
     "das_policy": "DAS with the cost-model budget policy, fitted online to this engine",
 }
-PROBE_STEP = -1  # the "step" number of the identity probe in per-step records
 
 
 @dataclass(frozen=True)
@@ -264,12 +263,18 @@ def _measure(
 
 
 def run_method(
-    method: str, workload: LiveWorkload, prompts: Sequence[Prompt], *, progress: bool = True
+    method: str,
+    workload: LiveWorkload,
+    prompts: Sequence[Prompt],
+    *,
+    progress: bool = True,
+    on_step: Callable[[MethodRun], None] | None = None,
 ) -> MethodRun:
     """Start ``method``'s engine, run every step and the identity probe, then shut it down.
 
-    An exception after the engine started is kept in ``MethodRun.error`` with the steps
-    measured so far; the engine is shut down either way.
+    ``on_step`` is called with the run so far after every measured step. An exception after
+    the engine started is kept in ``MethodRun.error`` with the steps measured so far; the
+    engine is shut down either way.
     """
     from das.vllm_api import das_stats
     from das.vllm_engine import make_llm
@@ -306,6 +311,8 @@ def run_method(
             )
             measured = _measure(step, outputs, wall_s, delta)
             run.steps.append(measured)
+            if on_step is not None:
+                on_step(run)
             logger.info(
                 "%s step %d/%d: %.1f s, %d iterations, %d tokens (%.0f tok/s), "
                 "accepted len %.2f, mean response %.0f tokens, %.0f%% truncated",
@@ -417,7 +424,10 @@ def run_comparison(
     on_method_done: Callable[[dict[str, MethodRun]], None] | None = None,
     progress: bool = True,
 ) -> dict[str, MethodRun]:
-    """Run each method in turn (``none`` first when present); call back after each one."""
+    """Run each method in turn (``none`` first, then in the order given).
+
+    ``on_method_done`` gets every run so far after each step and after each method.
+    """
     unknown = [m for m in methods if m not in LIVE_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {LIVE_METHODS}")
@@ -429,7 +439,12 @@ def run_comparison(
         logger.info(
             "method %d/%d: %s (%s)", position, len(ordered), method, LIVE_METHOD_HELP[method]
         )
-        runs[method] = run_method(method, workload, prompts, progress=progress)
+
+        def step_done(run: MethodRun, method: str = method) -> None:
+            if on_method_done is not None:
+                on_method_done({**runs, method: run})
+
+        runs[method] = run_method(method, workload, prompts, progress=progress, on_step=step_done)
         if on_method_done is not None:
             on_method_done(runs)
     return runs

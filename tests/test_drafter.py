@@ -177,3 +177,27 @@ def test_calibration_compares_acceptance_with_the_raw_tree_probabilities():
     drafter.extend_request(1, [draft[0], 99])
     tried = proposal.drafts.probs[0, :2].sum()
     assert drafter.calibration.expected[own, bucket] - before == pytest.approx(tried)
+
+
+def test_stats_count_drafts_and_acceptance_per_length_class():
+    drafter = DASDrafter(prompt_only(num_speculative_tokens=4))
+    drafter.begin_step(1)
+    # Of two prompts, the longer (A, 30 tokens) is classed medium and B (6 tokens) short.
+    run_request(drafter, "a-1", PROMPT_A, RESPONSE)
+    run_request(drafter, "b-1", PROMPT_B, RESPONSE[:6])
+    drafter.begin_step(2)
+    drafter.start_request("a", PROMPT_A)
+    drafter.start_request("b", PROMPT_B)
+    drafter.extend_many(["a", "b"], [RESPONSE[:5], RESPONSE[:3]])
+    drafts = drafter.propose(["a", "b"]).draft_tokens()
+    assert drafts == [RESPONSE[5:9], RESPONSE[3:6]]  # B: history ends after 6 tokens
+    # A's target agrees with 2 draft tokens then differs; B's agrees with all 3.
+    drafter.extend_many(["a", "b"], [[*RESPONSE[5:7], 999], RESPONSE[3:7]])
+    stats = drafter.stats
+    assert stats.drafts_by_class == {"long": 0, "medium": 1, "short": 1}
+    assert stats.draft_tokens_by_class == {"long": 0, "medium": 4, "short": 3}
+    assert stats.accepted_by_class == {"long": 0, "medium": 2, "short": 3}
+    assert sum(stats.accepted_by_class.values()) == stats.num_accepted_tokens
+    assert stats.by_step == {2: {"drafts": 2, "draft_tokens": 7, "accepted": 5}}
+    key_a = drafter.prompt_key("a")
+    assert stats.by_prompt[key_a] == {"drafts": 1, "draft_tokens": 4, "accepted": 2}

@@ -373,3 +373,20 @@ def test_min_relative_gain_skips_drafting_that_gains_too_little():
     assert optimal_budgets(draft, cost).tolist() == [1]
     assert optimal_budgets(draft, cost, min_relative_gain=0.10).tolist() == [1]
     assert optimal_budgets(draft, cost, min_relative_gain=0.12).tolist() == [0]
+
+
+def test_optimal_budgets_price_each_draft_token_at_its_requests_context() -> None:
+    from policies.budget import optimal_budgets
+    from policies.cost_model import StepCostModel
+
+    # Same draft quality; one request has a 10x longer context. Each verified token reads its
+    # request's KV cache, so the long request's draft tokens cost more.
+    probs = [np.array([0.9, 0.8, 0.7, 0.6]), np.array([0.9, 0.8, 0.7, 0.6])]
+    cost = StepCostModel(c_base=0.01, c_tok=0.001, c_ctx=1e-5)
+    budgets = optimal_budgets(probs, cost, context_tokens=np.array([100, 1000]))
+    assert budgets[0] > budgets[1]
+    # A scalar context is the step's reads whatever the budgets: no such difference.
+    same = optimal_budgets(probs, cost, context_tokens=1100)
+    assert same[0] == same[1]
+    with pytest.raises(ValueError, match="3 values for 2 requests"):
+        optimal_budgets(probs, cost, context_tokens=np.array([1, 2, 3]))

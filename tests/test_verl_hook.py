@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.metadata
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -269,3 +270,48 @@ def test_engine_kwargs_rebuild_equal_engine_args(recipe) -> None:
     rebuilt = EngineArgs(**engine_kwargs_from_args(engine_args))
     for field in dataclasses.fields(EngineArgs):
         assert getattr(rebuilt, field.name) == getattr(engine_args, field.name), field.name
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        ["--config-path=pkg://das.verl_config", "--config-name=das_grpo"],
+        ["hydra.searchpath=[pkg://das.verl_config]", "+das=default"],
+    ],
+    ids=["recipe", "plus_das"],
+)
+def test_documented_commands_compose_in_verls_main_ppo(entry: list[str], tmp_path) -> None:
+    """The README's commands through verl's real entry point (``--cfg job``: compose, print)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    flags = [arg for arg in entry if arg.startswith("--")]
+    overrides = [arg for arg in entry if not arg.startswith("--")]
+    command = [
+        sys.executable,
+        "-m",
+        "verl.trainer.main_ppo",
+        *flags,
+        *overrides,
+        "actor_rollout_ref.model.path=/models/any",
+        "actor_rollout_ref.rollout.name=vllm",
+        "das.window_steps=3",
+        "--cfg",
+        "job",
+        "--resolve",
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = yaml.safe_load(result.stdout)
+    vllm_args = config["actor_rollout_ref"]["rollout"]["engine_kwargs"]["vllm"]
+    assert vllm_args["speculative_config"]["model"] == "das.vllm_proposer.DASProposer"
+    assert vllm_args["additional_config"]["das"]["window_steps"] == 3
+    assert (
+        config["actor_rollout_ref"]["rollout"]["agent"]["default_agent_loop"] == "das_single_turn"
+    )
+    router = Path(config["actor_rollout_ref"]["rollout"]["router_config_path"])
+    assert router.is_absolute() and router.is_file()

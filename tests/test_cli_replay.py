@@ -48,5 +48,5 @@ def test_replay_errors_name_the_bad_input(tmp_path):
         main(["replay", str(broken), "--methods", "none", "--cost", "0.01,0.001"])
     with pytest.raises(SystemExit, match=r"unknown method\(s\) \['warp'\]"):
         main(["replay", str(SMALL_TRACE), "--methods", "warp"])
-    with pytest.raises(SystemExit, match="bad --cost 'x=1,2,3,4,5,6'"):
-        main(["replay", str(SMALL_TRACE), "--cost", "x=1,2,3,4,5,6"])
+    with pytest.raises(SystemExit, match="bad --cost 'x=1,2,3,4,5,6,7'"):
+        main(["replay", str(SMALL_TRACE), "--cost", "x=1,2,3,4,5,6,7"])

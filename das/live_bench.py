@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from das.record import progress_bar_factory
+from das.record import gsm8k_prompt_token_ids, progress_bar_factory
 from das.vllm_api import WORKER_EXTENSION, das_speculative_config
 from rollouts.prompts import Prompt
 
@@ -188,24 +188,6 @@ class MethodRun:
         }
 
 
-def _request_inputs(
-    tokenizer: Any, prompts: Sequence[Prompt], max_tokens: int, max_model_len: int
-) -> list[list[int]]:
-    from das.vllm_engine import chat_prompt_token_ids
-    from rollouts.prompts import format_gsm8k_messages
-
-    token_lists = [
-        chat_prompt_token_ids(tokenizer, format_gsm8k_messages(prompt.text)) for prompt in prompts
-    ]
-    longest = max(len(tokens) for tokens in token_lists)
-    if longest + max_tokens > max_model_len:
-        raise ValueError(
-            f"longest prompt ({longest} tokens) + max_tokens={max_tokens} exceeds "
-            f"max_model_len={max_model_len}"
-        )
-    return token_lists
-
-
 def _sampling_params(
     temperature: float, top_p: float, max_tokens: int, prompt: Prompt, step: int
 ) -> Any:
@@ -300,7 +282,7 @@ def run_method(
     )
     run.startup_s = time.perf_counter() - started
     try:
-        prompt_tokens = _request_inputs(
+        prompt_tokens = gsm8k_prompt_token_ids(
             llm.get_tokenizer(), prompts, workload.max_tokens, workload.max_model_len
         )
         for step in range(workload.num_steps):

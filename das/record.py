@@ -109,6 +109,25 @@ def _request_wall_s(output: Any, step_elapsed_s: float) -> float:
     return step_elapsed_s
 
 
+def gsm8k_prompt_token_ids(
+    tokenizer: Any, prompts: Sequence[Prompt], max_tokens: int, max_model_len: int
+) -> list[list[int]]:
+    """Each prompt in GSM8K chat format, as token ids ready to generate from.
+
+    Raises ``ValueError`` if the longest prompt plus ``max_tokens`` exceeds ``max_model_len``.
+    """
+    token_lists = [
+        chat_prompt_token_ids(tokenizer, format_gsm8k_messages(prompt.text)) for prompt in prompts
+    ]
+    longest = max(len(tokens) for tokens in token_lists)
+    if longest + max_tokens > max_model_len:
+        raise ValueError(
+            f"longest prompt ({longest} tokens) + max_tokens={max_tokens} exceeds the "
+            f"engine's max_model_len={max_model_len}"
+        )
+    return token_lists
+
+
 def record_rollouts(
     model: str | None,
     prompts: Sequence[Prompt],
@@ -162,23 +181,15 @@ def record_rollouts(
 
     if llm is None:
         llm = make_llm(model, dtype=dtype, seed=seed)
-    tokenizer = llm.get_tokenizer()
     prompt_tokens = [
-        np.asarray(
-            chat_prompt_token_ids(tokenizer, format_gsm8k_messages(prompt.text)), dtype=np.int32
+        np.asarray(tokens, dtype=np.int32)
+        for tokens in gsm8k_prompt_token_ids(
+            llm.get_tokenizer(), prompts, max_tokens, llm.llm_engine.model_config.max_model_len
         )
-        for prompt in prompts
     ]
     prompt_keys = [prompt_key_for(tokens) for tokens in prompt_tokens]
     if len(set(prompt_keys)) < len(prompt_keys):
         logger.warning("some prompts are identical after templating and share a prompt key")
-    max_model_len = llm.llm_engine.model_config.max_model_len
-    longest_prompt = max(tokens.size for tokens in prompt_tokens)
-    if longest_prompt + max_tokens > max_model_len:
-        raise ValueError(
-            f"longest prompt ({longest_prompt} tokens) + max_tokens={max_tokens} exceeds the "
-            f"engine's max_model_len={max_model_len}"
-        )
 
     sampling_params = SamplingParams(
         n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, detokenize=False

@@ -210,10 +210,11 @@ class DASProposer:
             if scheduler_output.total_num_scheduled_tokens:
                 self._steps_since_propose += 1
                 self._step_tokens = int(scheduler_output.total_num_scheduled_tokens)
-                self._step_attended = decode_step_attended_tokens(runner, scheduler_output)
-                self._step_drafts = sum(
-                    len(d) for d in scheduler_output.scheduled_spec_decode_tokens.values()
-                )
+                if self.cost_fitter is not None:  # only the cost fit reads these
+                    self._step_attended = decode_step_attended_tokens(runner, scheduler_output)
+                    self._step_drafts = sum(
+                        len(d) for d in scheduler_output.scheduled_spec_decode_tokens.values()
+                    )
         except Exception:
             self._fail("das_on_schedule")
 

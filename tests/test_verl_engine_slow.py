@@ -2,10 +2,12 @@
 
 verl's rollout server is a Ray actor on a GPU node and cannot run here; its argument builder
 (``vLLMHttpServer.launch_server``) does, through :func:`das.verl_hook.verl_vllm_engine_args`.
-Each engine below is ``vllm.LLM`` built from those arguments, and its requests are what verl's
-agent loop sends (the DAS agent loop, with a mock server manager capturing the requests) turned
-into ``SamplingParams`` as verl's server does. Two engines, one after the other: DAS (from the
-``das_grpo`` recipe), then the same config without DAS; float32 so greedy outputs compare exactly.
+Each engine below is built from those arguments, and its requests are what verl's agent loop
+sends (the DAS agent loop, with a mock server manager capturing the requests) turned into
+``SamplingParams`` as verl's server does. Two engines, one after the other: DAS (from the
+``das_grpo`` recipe) as verl's server runs it, an ``AsyncLLM`` read through DAS's server RPC
+(``DASvLLMHttpServer.das_stats``); then ``vllm.LLM`` from the same config without DAS. Float32,
+so greedy outputs compare exactly.
 
     pytest -m slow tests/test_verl_engine_slow.py -o log_cli=true --log-cli-level=INFO
 """
@@ -118,6 +120,40 @@ def generate(llm, requests: list[dict], response_length: int) -> list[list[int]]
     return [list(output.outputs[0].token_ids) for output in outputs]
 
 
+async def generate_async(engine, requests: list[dict], response_length: int) -> list[list[int]]:
+    """All requests at once through an ``AsyncLLM``, as verl's rollout server sends them."""
+
+    async def one(number: int, request: dict) -> list[int]:
+        prompt, params = to_vllm(request, response_length)
+        final = None
+        async for output in engine.generate(prompt, params, request_id=f"req-{number}"):
+            final = output
+        return list(final.outputs[0].token_ids)
+
+    return list(await asyncio.gather(*(one(n, r) for n, r in enumerate(requests))))
+
+
+async def run_das_server(config, sampled: list[dict], greedy: list[dict]) -> dict[str, Any]:
+    """Two sampled steps and a greedy one on DAS's rollout server; its stats around each."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from das.verl_server import DASvLLMHttpServer
+
+    server = object.__new__(DASvLLMHttpServer)  # verl's constructor needs a Ray actor context
+    server.engine = AsyncLLM.from_engine_args(verl_vllm_engine_args(config))  # as verl's server
+    try:
+        snapshots = [await server.das_stats()]
+        for _ in range(2):
+            await generate_async(server.engine, sampled, RESPONSE_LENGTH)
+            snapshots.append(await server.das_stats())
+        greedy_tokens = await generate_async(server.engine, greedy, RESPONSE_LENGTH)
+        snapshots.append(await server.das_stats())
+    finally:
+        server.engine.shutdown()
+        gc.collect()
+    return {"tokens": greedy_tokens, "stats": snapshots}
+
+
 def start_engine(config):
     import vllm
 
@@ -193,19 +229,10 @@ def prompts():
 def das_run(configs, prompts):
     """DAS engine: two steps with verl's rollout sampling, then a greedy step; stats per step."""
     das_config, _ = configs
-    llm = start_engine(das_config)
-    try:
-        sampled = agent_loop_requests(das_config, prompts, sampling_dicts(das_config, False))
-        greedy = agent_loop_requests(das_config, prompts, sampling_dicts(das_config, True))
-        snapshots = [llm.collective_rpc("das_stats")]
-        for _ in range(2):
-            generate(llm, sampled, RESPONSE_LENGTH)
-            snapshots.append(llm.collective_rpc("das_stats"))
-        greedy_tokens = generate(llm, greedy, RESPONSE_LENGTH)
-        snapshots.append(llm.collective_rpc("das_stats"))
-    finally:
-        shutdown(llm)
-    return {"sampled": sampled, "greedy": greedy, "tokens": greedy_tokens, "stats": snapshots}
+    sampled = agent_loop_requests(das_config, prompts, sampling_dicts(das_config, False))
+    greedy = agent_loop_requests(das_config, prompts, sampling_dicts(das_config, True))
+    result = asyncio.run(run_das_server(das_config, sampled, greedy))
+    return {"sampled": sampled, "greedy": greedy, **result}
 
 
 def test_verl_requests_carry_dataset_index_prompt_keys(das_run, prompts) -> None:

@@ -1,9 +1,15 @@
 """DAS's verl plugin, loaded by ``import verl`` in every verl process (``verl.plugins``).
 
-It registers one OmegaConf resolver, ``${das_config_file:NAME}``: the absolute path of a file in
-:mod:`das.verl_config`. DAS's verl config names its agent-loop and router files with it, since
-verl opens those paths as files (absolute, or relative to the working directory) on whichever
-node reads them. The module imports nothing but OmegaConf, so it is safe during ``import verl``.
+It registers two OmegaConf resolvers:
+
+* ``${das_config_file:NAME}``: the absolute path of a file in :mod:`das.verl_config`. DAS's verl
+  config names its agent-loop and router files with it, since verl opens those paths as files
+  (absolute, or relative to the working directory) on whichever node reads them.
+* ``${das_agent_loop_manager:USE_V1}``: DAS's agent-loop manager (per-step ``rollout/das_*``
+  metrics) for verl's v0 trainer (``trainer.use_v1=false``), and None, verl's own manager, for
+  the v1 trainer, whose manager must write to TransferQueue.
+
+The module imports nothing but OmegaConf, so it is safe during ``import verl``.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from omegaconf import OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent / "verl_config"
 RESOLVER = "das_config_file"
+MANAGER_RESOLVER = "das_agent_loop_manager"
+DAS_AGENT_LOOP_MANAGER = "das.verl_manager.DASAgentLoopManager"
 
 
 def das_config_file(name: str) -> str:
@@ -24,10 +32,17 @@ def das_config_file(name: str) -> str:
     return str(path)
 
 
+def das_agent_loop_manager(use_v1: bool) -> str | None:
+    """DAS's agent-loop manager class path for verl's v0 trainer; None for the v1 trainer."""
+    return None if use_v1 else DAS_AGENT_LOOP_MANAGER
+
+
 def register() -> None:
-    """Register the resolver (idempotent)."""
+    """Register the resolvers (idempotent)."""
     if not OmegaConf.has_resolver(RESOLVER):
         OmegaConf.register_new_resolver(RESOLVER, das_config_file)
+    if not OmegaConf.has_resolver(MANAGER_RESOLVER):
+        OmegaConf.register_new_resolver(MANAGER_RESOLVER, das_agent_loop_manager)
 
 
 register()

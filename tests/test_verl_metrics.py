@@ -74,11 +74,13 @@ def rollout_output(num_samples: int) -> Any:
     )
 
 
-def test_recipe_selects_das_manager_that_verl_can_load() -> None:
+def test_recipe_selects_das_manager_that_verl_can_load_for_the_v0_trainer_only() -> None:
     from verl.experimental.agent_loop import AgentLoopManager
     from verl.utils.import_utils import load_class_from_fqn
 
-    config = compose_verl_config([])
+    v1 = compose_verl_config(["trainer.use_v1=true"])
+    assert v1.actor_rollout_ref.rollout.agent.agent_loop_manager_class is None  # verl's own
+    config = compose_verl_config(["trainer.use_v1=false"])
     path = config.actor_rollout_ref.rollout.agent.agent_loop_manager_class
     manager_class = load_class_from_fqn(path, "AgentLoopManager")
     assert manager_class.__name__ == "DASAgentLoopManager"

@@ -133,14 +133,14 @@ async def generate_async(engine, requests: list[dict], response_length: int) -> 
     return list(await asyncio.gather(*(one(n, r) for n, r in enumerate(requests))))
 
 
-async def run_das_server(config, sampled: list[dict], greedy: list[dict]) -> dict[str, Any]:
+async def run_das_server(engine_args, sampled: list[dict], greedy: list[dict]) -> dict[str, Any]:
     """Two sampled steps and a greedy one on DAS's rollout server; its stats around each."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from das.verl_server import DASvLLMHttpServer
 
     server = object.__new__(DASvLLMHttpServer)  # verl's constructor needs a Ray actor context
-    server.engine = AsyncLLM.from_engine_args(verl_vllm_engine_args(config))  # as verl's server
+    server.engine = AsyncLLM.from_engine_args(engine_args)  # as verl's server starts it
     try:
         snapshots = [await server.das_stats()]
         for _ in range(2):
@@ -231,7 +231,8 @@ def das_run(configs, prompts):
     das_config, _ = configs
     sampled = agent_loop_requests(das_config, prompts, sampling_dicts(das_config, False))
     greedy = agent_loop_requests(das_config, prompts, sampling_dicts(das_config, True))
-    result = asyncio.run(run_das_server(das_config, sampled, greedy))
+    engine_args = verl_vllm_engine_args(das_config)  # runs its own event loop
+    result = asyncio.run(run_das_server(engine_args, sampled, greedy))
     return {"sampled": sampled, "greedy": greedy, **result}
 
 

@@ -13,8 +13,8 @@ much as the whole forward pass, and paid whether the step verifies one draft tok
 so that no row needs a full cumulative sum: one uniform per draft position, the row's mass per
 block of :data:`BLOCK` tokens, the block the uniform falls in, then the token inside it. Its
 cost is one read of each draft position's row. Only draft positions are touched, so a step with
-few drafts costs little. Seeded requests draw their uniforms from their own generator, as
-vLLM's code does, so seeded runs stay reproducible.
+few drafts costs little. The uniforms come from vLLM's own ``generate_uniform_probs`` (a seeded
+request's from its own generator), so seeded runs stay reproducible.
 
 Invariants (each would be a wrong token if broken; ``tests/test_vllm_cpu_recovered.py``):
 the result is never the draft token and never a token of probability 0 (e.g. cut by top-k or
@@ -47,9 +47,9 @@ def sample_recovered_tokens(
     ``draft_token_ids``), drawn from ``target_probs`` of that position with the draft token
     removed. Drafts that carry probabilities go to vLLM's own function, unchanged.
     """
-    if draft_probs is not None:
-        from vllm.v1.sample import rejection_sampler
+    from vllm.v1.sample import rejection_sampler
 
+    if draft_probs is not None:
         return rejection_sampler._DAS_ORIGINAL_SAMPLE_RECOVERED(
             max_spec_len,
             num_draft_tokens,
@@ -61,23 +61,12 @@ def sample_recovered_tokens(
             device,
             use_fp64_gumbel,
         )
-    uniforms = _position_uniforms(num_draft_tokens, sampling_metadata.generators, device)
+    # vLLM's own draw: one U[0, 1) per draft position, a seeded request's from its generator.
+    uniforms = rejection_sampler.generate_uniform_probs(
+        sum(num_draft_tokens), num_draft_tokens, sampling_metadata.generators, device
+    )
     recovered = sample_excluding(target_probs, draft_token_ids.to(torch.int64), uniforms)
     return recovered.to(draft_token_ids.dtype)
-
-
-def _position_uniforms(
-    num_draft_tokens: list[int], generators: dict[int, torch.Generator], device: torch.device
-) -> torch.Tensor:
-    """One U[0, 1) per draft position; a seeded request's come from its own generator."""
-    uniforms = torch.rand(sum(num_draft_tokens), dtype=torch.float64, device=device)
-    start = 0
-    for request, count in enumerate(num_draft_tokens):
-        generator = generators.get(request)
-        if count and generator is not None:
-            uniforms[start : start + count].uniform_(generator=generator)
-        start += count
-    return uniforms
 
 
 def sample_excluding(

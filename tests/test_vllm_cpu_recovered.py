@@ -67,6 +67,7 @@ def test_seeded_requests_draw_from_their_own_generator() -> None:
 
     ``sampling_metadata`` is a stand-in holding only the one field the function reads.
     """
+    pytest.importorskip("vllm")  # the uniforms come from vLLM's rejection sampler
     vocab = BLOCK * 4
     probs = _skewed_probs(vocab, seed=7).expand(5, vocab).contiguous()
     draft_token_ids = torch.tensor([1, 2, 4, 5, 8], dtype=torch.int32)

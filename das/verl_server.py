@@ -5,9 +5,11 @@ return, so DAS's per-worker counters (``das_stats``, added to the workers by
 :class:`das.verl_worker.DASColocateWorkerExtension`) cannot be read through it.
 :class:`DASvLLMHttpServer` adds :meth:`~DASvLLMHttpServer.das_stats`, which returns them;
 everything else is verl's server unchanged. :func:`register_replica` makes verl build rollout
-replicas of backend ``"vllm"`` with this server (``RolloutReplicaRegistry``, verl's own seam);
-DAS's agent-loop manager calls it when its module is imported, which verl does (by the class
-path in ``actor_rollout_ref.rollout.agent.agent_loop_manager_class``) before it starts replicas.
+replicas of backend ``"vllm"`` with this server (``RolloutReplicaRegistry``, verl's own seam).
+It is called before verl starts replicas: with verl's v0 trainer when DAS's agent-loop manager
+module is imported (verl imports it by the class path in
+``actor_rollout_ref.rollout.agent.agent_loop_manager_class``), with the v1 trainer by the
+constructor of DAS's trainer subclass (:class:`das.verl_metrics.DASTrainerMetrics`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""DAS's rollout metrics reach verl 0.9.1's trainer metrics: replica, manager, trainer hook.
+"""DAS's rollout metrics reach verl 0.9.1's v0 trainer metrics: replica, manager, trainer hook.
 
 verl's rollout servers are Ray actors on GPU nodes and cannot run here. The Ray handles of the
 servers, router and agent-loop workers are mocks (``MockRayHandle``) that call the real object
 behind them; every verl function and class used is verl's own. The server's ``das_stats`` on a
-real vLLM engine is in ``tests/test_verl_engine_slow.py``.
+real vLLM engine is in ``tests/test_verl_engine_slow.py``; the v1 trainer's metrics are in
+``tests/test_verl_metrics_v1.py``.
 """
 
 from __future__ import annotations

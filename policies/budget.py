@@ -35,9 +35,12 @@ __all__ = [
     "LengthClassBudgetPolicy",
     "LengthClassPolicy",
     "RequestView",
+    "binding_shares",
     "expected_produced_tokens",
     "fixed_budgets",
+    "makespan_budgets",
     "optimal_budgets",
+    "predicted_remaining_tokens",
     "remaining_length_weights",
 ]
 
@@ -322,20 +325,107 @@ def optimal_budgets(
     return np.bincount(request[order[:num_drafted]], minlength=num_requests).astype(np.int64)
 
 
-def remaining_length_weights(
-    generated_tokens: np.ndarray,
-    expected_lengths: np.ndarray,
-    max_ratio: float = 4.0,
-) -> np.ndarray:
-    """Per-request weights from predicted remaining length, relative to the batch mean.
+def binding_shares(remaining: np.ndarray, tolerance: float = 16.0) -> np.ndarray:
+    """Per request, its predicted share of the step's binding (last-to-finish) requests.
 
-    The request predicted to finish last sets the step's makespan, so its tokens are worth
-    more. Predicted remaining tokens: ``max(expected - generated, generated, 1)``. The first
-    term is what the prompt's history predicts; once a request has outlived half of it, its own
-    age takes over (the mean residual life of a long-tailed length grows with age, so a request
-    past its prompt's mean is probably in the tail). Unknown expected lengths (NaN) take the
-    batch mean of the known ones (0 if none is known). Weights are the predictions divided by
-    their mean, clipped to ``[1 / max_ratio, max_ratio]``.
+    The requests predicted to need at least ``max(remaining) - tolerance`` more tokens share
+    1 equally; the rest get 0. The shares sum to 1 (for a non-empty batch).
+    """
+    values = np.asarray(remaining, dtype=np.float64)
+    if values.size == 0:
+        return np.zeros(0)
+    binding = values >= values.max() - check_real(tolerance, "tolerance", minimum=0.0)
+    return binding / binding.sum()
+
+
+def makespan_budgets(
+    cumulative_probs: Sequence[np.ndarray],
+    cost: StepCostModel,
+    remaining_tokens: np.ndarray,
+    context_tokens: np.ndarray | None = None,
+    max_budget: int | None = None,
+    min_relative_gain: float = 0.0,
+    tolerance: float = 16.0,
+) -> np.ndarray:
+    """Budgets that minimise the expected remaining time of an RL step (its makespan).
+
+    All of a step's requests start together and the step lasts until the last one finishes, so
+    a step's fixed cost ``c_base`` is paid once per iteration of its *longest* request. An
+    accepted draft token of request ``i`` saves one of its iterations, which shortens the step
+    by ``c_base`` if ``i`` is the binding request (probability :func:`binding_shares`, from the
+    predicted ``remaining_tokens``). It also saves the token's processing in a later step,
+    priced at one more token in a plain step now. A draft token costs what it adds to this
+    step's time, accepted or not. The result maximises expected saving minus added time over
+    the total number of draft tokens; as in :func:`optimal_budgets`, for a fixed total the
+    largest net gains form a prefix of every draft, so one sort is exact.
+
+    The throughput objective (:func:`optimal_budgets`) spreads ``c_base`` over all running
+    requests; this one gives it to those predicted to finish last, so it needs predictions
+    that single them out: with true remaining lengths (a replay can know them) it cuts
+    iterations where the throughput objective cannot (``scripts/bench_policy_ceiling.py``).
+
+    Args:
+        cumulative_probs: per request, cumulative acceptance probabilities of its draft.
+        cost: the step cost model.
+        remaining_tokens: per request, predicted tokens still to generate.
+        context_tokens: per request context length (KV tokens each verified token reads).
+        max_budget: cap on every budget.
+        min_relative_gain: draft only if the expected saving beats the added time by this
+            fraction of a plain step's time.
+        tolerance: see :func:`binding_shares`.
+
+    Returns:
+        int64 budgets, one per request.
+    """
+    num_requests = len(cumulative_probs)
+    if max_budget is not None:
+        max_budget = check_int(max_budget, "max_budget", minimum=0)
+    remaining = as_float_vector(remaining_tokens, "remaining_tokens", minimum=0.0)
+    if remaining.size != num_requests:
+        raise ValueError(
+            f"remaining_tokens has {remaining.size} values for {num_requests} requests"
+        )
+    if context_tokens is None:
+        context = np.zeros(num_requests)
+    else:
+        context = as_float_vector(context_tokens, "context_tokens", minimum=0.0)
+        if context.size != num_requests:
+            raise ValueError(
+                f"context_tokens has {context.size} values for {num_requests} requests"
+            )
+    if num_requests == 0:
+        return np.zeros(0, dtype=np.int64)
+    reads = float(context.sum())
+    plain = float(cost.step_time(num_requests, reads))
+    if plain <= 0.0:
+        raise ValueError(f"cost={cost!r} predicts a step time <= 0")
+    # A token generated later costs one more token in a plain step of this batch.
+    later = cost.step_times(num_requests + 1, reads + context) - plain
+    value = cost.c_base * binding_shares(remaining, tolerance) + later
+    gains, request = _flatten_gains(cumulative_probs, value, max_budget)
+    # A draft token's attention reads are its own request's cost; the rest of what it adds
+    # depends only on how many drafts the step holds. Net of the former, gains still fall
+    # along every draft, so the best m tokens are the m largest net gains.
+    net_gains = gains - cost.c_ctx * context[request]
+    order = np.argsort(-net_gains, kind="stable")
+    num_drafts = np.arange(gains.size + 1)
+    added = cost.step_times(num_requests + num_drafts, reads, num_drafts) - plain
+    net = np.concatenate([[0.0], np.cumsum(net_gains[order])]) - added
+    num_drafted = int(np.argmax(net))  # first maximum: ties go to fewer drafts
+    if net[num_drafted] <= min_relative_gain * plain:
+        num_drafted = 0
+    return np.bincount(request[order[:num_drafted]], minlength=num_requests).astype(np.int64)
+
+
+def predicted_remaining_tokens(
+    generated_tokens: np.ndarray, expected_lengths: np.ndarray
+) -> np.ndarray:
+    """Predicted tokens each request still generates: ``max(expected - generated, generated, 1)``.
+
+    The first term is what the prompt's history predicts; once a request has outlived half of
+    it, its own age takes over (the mean residual life of a long-tailed length grows with age,
+    so a request past its prompt's mean is probably in the tail). Unknown expected lengths (NaN)
+    take the batch mean of the known ones (0 if none is known).
     """
     generated = np.asarray(generated_tokens, dtype=np.float64)
     expected = np.array(expected_lengths, dtype=np.float64)
@@ -344,12 +434,27 @@ def remaining_length_weights(
             f"generated_tokens {generated.shape} and expected_lengths {expected.shape} "
             "must be one-dimensional of the same length"
         )
-    max_ratio = check_real(max_ratio, "max_ratio", minimum=1.0)
-    if generated.size == 0:
-        return np.zeros(0)
     known = np.isfinite(expected)
-    expected[~known] = expected[known].mean() if known.any() else 0.0
-    remaining = np.maximum(np.maximum(expected - generated, generated), 1.0)
+    if generated.size:
+        expected[~known] = expected[known].mean() if known.any() else 0.0
+    return np.maximum(np.maximum(expected - generated, generated), 1.0)
+
+
+def remaining_length_weights(
+    generated_tokens: np.ndarray,
+    expected_lengths: np.ndarray,
+    max_ratio: float = 4.0,
+) -> np.ndarray:
+    """Per-request weights from predicted remaining length, relative to the batch mean.
+
+    The request predicted to finish last sets the step's makespan, so its tokens are worth
+    more. Predicted remaining tokens: :func:`predicted_remaining_tokens`. Weights are the
+    predictions divided by their mean, clipped to ``[1 / max_ratio, max_ratio]``.
+    """
+    max_ratio = check_real(max_ratio, "max_ratio", minimum=1.0)
+    remaining = predicted_remaining_tokens(generated_tokens, expected_lengths)
+    if remaining.size == 0:
+        return np.zeros(0)
     return np.clip(remaining / remaining.mean(), 1.0 / max_ratio, max_ratio)
 
 
@@ -507,6 +612,7 @@ class CostModelPolicy(BudgetPolicy):
         return self.cost_source
 
     def batch_budgets(self, batch: BatchView, cost: StepCostModel | None = None) -> np.ndarray:
+        cost = cost if cost is not None else self.cost_model
         weights = None
         if self.weight_by_length and len(batch):
             weights = remaining_length_weights(
@@ -516,7 +622,7 @@ class CostModelPolicy(BudgetPolicy):
             )
         return optimal_budgets(
             batch.cumulative_probs,
-            cost if cost is not None else self.cost_model,
+            cost,
             context_tokens=batch.context_tokens,
             weights=weights,
             max_budget=self.max_budget,

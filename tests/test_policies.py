@@ -16,8 +16,10 @@ from policies.budget import (
     LengthClassBudgetPolicy,
     LengthClassPolicy,
     RequestView,
+    binding_shares,
     expected_produced_tokens,
     fixed_budgets,
+    makespan_budgets,
     optimal_budgets,
     remaining_length_weights,
 )
@@ -300,6 +302,96 @@ def test_remaining_length_weights() -> None:
     assert remaining_length_weights(np.zeros(0), np.zeros(0)).shape == (0,)
     with pytest.raises(ValueError, match="same length"):
         remaining_length_weights(np.zeros(2), np.zeros(3))
+
+
+# --------------------------------------------------------------------------- makespan objective
+
+
+def net_saving(budgets, cumulative_probs, cost, remaining, context, tolerance) -> float:
+    """Expected saving minus added step time of ``budgets``, from the definition."""
+    n = len(cumulative_probs)
+    binding = [r >= max(remaining) - tolerance for r in remaining]
+    reads = float(sum(context))
+    plain = cost.step_time(n, reads)
+    saved = 0.0
+    for budget, probs, bound, ctx in zip(budgets, cumulative_probs, binding, context, strict=True):
+        later = cost.step_time(n + 1, reads + ctx) - plain
+        share = bound / sum(binding)
+        saved += (cost.c_base * share + later) * float(np.sum(probs[: int(budget)]))
+    drafts = int(sum(budgets))
+    drafted_reads = reads + sum(int(b) * c for b, c in zip(budgets, context, strict=True))
+    return saved - (cost.step_time(n + drafts, drafted_reads, drafts) - plain)
+
+
+def test_binding_shares_split_one_among_the_predicted_last() -> None:
+    assert binding_shares(np.array([5.0, 1.0, 5.0, 3.0]), tolerance=0).tolist() == [
+        0.5,
+        0.0,
+        0.5,
+        0.0,
+    ]
+    assert binding_shares(np.array([5.0, 1.0, 4.0]), tolerance=1).tolist() == [0.5, 0.0, 0.5]
+    assert binding_shares(np.zeros(0)).shape == (0,)
+    with pytest.raises(ValueError, match="tolerance=-1"):
+        binding_shares(np.ones(2), tolerance=-1)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(continuous_draft, min_size=1, max_size=4),
+    continuous_cost,
+    st.lists(st.integers(1, 4), min_size=4, max_size=4),
+    st.lists(st.integers(0, 50), min_size=4, max_size=4),
+    st.integers(0, 2),
+)
+def test_makespan_budgets_match_brute_force(drafts, cost, remaining, context, tolerance) -> None:
+    remaining = np.array(remaining[: len(drafts)], np.float64)
+    context = np.array(context[: len(drafts)], np.float64)
+    ours = makespan_budgets(drafts, cost, remaining, context, tolerance=tolerance)
+    best = max(
+        net_saving(budgets, drafts, cost, remaining, context, tolerance)
+        for budgets in itertools.product(*(range(len(p) + 1) for p in drafts))
+    )
+    assert ours.dtype == np.int64
+    assert all(0 <= b <= len(p) for b, p in zip(ours, drafts, strict=True))
+    saving = net_saving(ours, drafts, cost, remaining, context, tolerance)
+    assert saving == pytest.approx(best, abs=1e-9)
+
+
+def test_makespan_drafts_for_the_request_predicted_to_finish_last() -> None:
+    # The CPU fit at 256 requests: a verified token costs about as much as a generated one.
+    cost = StepCostModel(c_base=0.036, c_tok=0.00078)
+    drafts = [geometric(0.6, 8)] * 256
+    remaining = np.full(256, 100.0)
+    remaining[7] = 400.0
+    budgets = makespan_budgets(drafts, cost, remaining)
+    # The binding request saves a whole iteration per accepted token: its k-th token pays
+    # while 0.6**k * (c_base + c_tok) > c_tok, up to k = 7. The others only save the token's
+    # later processing, 0.6 * c_tok < c_tok.
+    assert budgets[7] == 7
+    assert budgets.sum() == 7
+    # The throughput objective spreads c_base over everyone, so nobody drafts.
+    assert optimal_budgets(drafts, cost).sum() == 0
+    # Ties share the binding: 64 equal requests each hold c_base / 64.
+    shared = makespan_budgets(drafts[:64], cost, np.full(64, 100.0))
+    # 0.6**k * (c_base / 64 + c_tok) > c_tok up to k = 1
+    assert shared.tolist() == [1] * 64
+
+
+def test_makespan_drafts_everything_below_a_gpu_knee() -> None:
+    gpu = StepCostModel(c_base=0.015, c_tok=4e-5, knee_tokens=256.0)
+    drafts = [geometric(0.3, 4)] * 8
+    assert makespan_budgets(drafts, gpu, np.arange(1.0, 9.0)).tolist() == [4] * 8
+
+
+def test_makespan_budgets_validation() -> None:
+    with pytest.raises(ValueError, match="remaining_tokens has 1 values for 2 requests"):
+        makespan_budgets([geometric(0.5, 2)] * 2, CPU_LIKE, np.ones(1))
+    with pytest.raises(ValueError, match="context_tokens has 3 values for 2 requests"):
+        makespan_budgets([geometric(0.5, 2)] * 2, CPU_LIKE, np.ones(2), np.ones(3))
+    with pytest.raises(ValueError, match="remaining_tokens"):
+        makespan_budgets([geometric(0.5, 2)], CPU_LIKE, np.array([-1.0]))
+    assert makespan_budgets([], CPU_LIKE, np.zeros(0)).shape == (0,)
 
 
 # --------------------------------------------------------------------------- per-step policies

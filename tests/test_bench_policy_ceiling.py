@@ -1,0 +1,52 @@
+"""The replay ceiling benchmark on the small recorded trace in tests/data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location(
+        "bench_policy_ceiling", ROOT / "scripts" / "bench_policy_ceiling.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ceiling_benchmark_writes_every_method_and_the_oracle_knows_lengths(tmp_path) -> None:
+    bench = load_script()
+    out = tmp_path / "ceiling.json"
+    bench.main(
+        ["--trace", str(ROOT / "tests" / "data" / "trace_small.parquet"), "--json", str(out)]
+    )
+    report = json.loads(out.read_text())
+    steps = report["steps"]
+    assert set(steps) == set(bench.METHODS)
+    assert all(len(rows) == 3 for rows in steps.values())
+    summary = report["summary_steps_2_on"]
+    assert summary["none"]["iterations_vs_none"] == 1.0
+    assert summary["none"]["draft_tokens"] == 0
+    # A forward pass yields at most K + 1 tokens of a request, and at least 1.
+    longest = max(row["decode_iterations"] for row in steps["none"])
+    for rows in steps.values():
+        for row in rows:
+            assert longest / (report["num_speculative_tokens"] + 1) <= row["decode_iterations"]
+            assert row["decode_iterations"] <= longest
+    # The oracle spends drafts on the binding request: it saves iterations.
+    assert summary["makespan_oracle"]["iterations_vs_none"] < 1.0
+
+
+def test_ceiling_benchmark_names_a_missing_trace(tmp_path, capsys) -> None:
+    bench = load_script()
+    missing = tmp_path / "nope.parquet"
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--trace", str(missing)])
+    assert exit_.value.code == 2
+    assert str(missing) in capsys.readouterr().err

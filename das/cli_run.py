@@ -54,7 +54,13 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         help="prompts in the final greedy identity probe (0: no probe)",
     )
     parser.add_argument("--probe-tokens", type=int, default=defaults.probe_tokens)
-    parser.add_argument("--json", type=Path, help="write results here (after every method)")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start every engine first and run each step on all of them in turn (robust to a "
+        "machine whose speed drifts; holds every engine's KV cache at once)",
+    )
+    parser.add_argument("--json", type=Path, help="write results here (after every step)")
     parser.add_argument("--plot", type=Path, help="write a PNG of per-step time and iterations")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
@@ -108,7 +114,12 @@ def run_run(args: argparse.Namespace) -> int:
             plot_live(runs, args.plot, title)
 
     runs = run_comparison(
-        methods, workload, prompts, on_method_done=save, progress=not args.no_progress
+        methods,
+        workload,
+        prompts,
+        on_method_done=save,
+        progress=not args.no_progress,
+        interleave=args.interleave,
     )
     print(format_table(runs, workload))
     report = build_report(runs, workload, command)

@@ -1,13 +1,15 @@
 """Live multi-epoch rollouts on vLLM: the same RL steps under each speculation method.
 
-One engine per method, built one after the other with identical settings (model, dtype, seed,
-KV cache, synchronous scheduling, batch limits) and differing only in ``speculative_config``.
+One engine per method with identical settings (model, dtype, seed, KV cache, synchronous
+scheduling, batch limits), differing only in ``speculative_config``; the engines run one after
+the other, or side by side with their steps interleaved (``interleave=True``).
 Each engine runs ``num_steps`` calls of ``llm.generate`` (one RL step each: every prompt times
 ``num_samples`` requests) and then one greedy *identity probe* (the first prompts, one sample,
 temperature 0), whose tokens are compared with the no-speculation engine's.
 
-Per step, from vLLM's own counters (``llm.get_metrics()``): wall time, engine iterations (each
-one forward pass; prefill iterations included), output tokens, drafts, draft and accepted tokens.
+Per step, from each engine's own stats (:class:`EngineCounterLogger`): wall time, engine
+iterations (each one forward pass; prefill iterations included), output tokens, drafts, draft
+and accepted tokens.
 
 No module here imports numba: vLLM's spawned engine process re-imports ``__main__`` (see
 ``tests/test_cli_imports.py``).
@@ -118,24 +120,62 @@ class EngineCounters:
         return EngineCounters(**{k: v - getattr(before, k) for k, v in asdict(self).items()})
 
 
-_COUNTER_OF_METRIC = {
-    "vllm:generation_tokens": "generation_tokens",
-    "vllm:spec_decode_num_drafts": "num_drafts",
-    "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
-    "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens",
-}
+class EngineCounterLogger:
+    """A vLLM stat logger that counts one engine's iterations, tokens and drafts.
+
+    vLLM's Prometheus metrics live in one process-wide registry that each new engine resets,
+    so two engines in one process (the interleaved benchmark) cannot be told apart there. This
+    logger is attached to one engine's ``logger_manager`` and counts what its Prometheus
+    logger would: one iteration per record with iteration stats (the ``iteration_tokens``
+    histogram's observations), generation tokens, and the spec-decoding counters.
+    """
+
+    def __init__(self) -> None:
+        self.counters = EngineCounters()
+
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        counters = self.counters
+        spec = getattr(scheduler_stats, "spec_decoding_stats", None)
+        if spec is not None:
+            counters.num_drafts += int(spec.num_drafts)
+            counters.num_draft_tokens += int(spec.num_draft_tokens)
+            counters.num_accepted_tokens += int(spec.num_accepted_tokens)
+        if iteration_stats is not None:
+            counters.iterations += 1
+            counters.generation_tokens += int(iteration_stats.num_generation_tokens)
+
+    def snapshot(self) -> EngineCounters:
+        return EngineCounters(**asdict(self.counters))
+
+    # The rest of vLLM's stat-logger interface: nothing to do.
+    def record_sleep_state(self, sleep: int = 0, level: int = 0) -> None:
+        return None
+
+    def log(self) -> None:
+        return None
+
+    def log_engine_initialized(self) -> None:
+        return None
 
 
-def read_counters(llm: Any) -> EngineCounters:
-    """Sum vLLM's counters over engines; iterations = observations of the per-step histogram."""
-    counters = EngineCounters()
-    for metric in llm.get_metrics():
-        if metric.name == "vllm:iteration_tokens_total":
-            counters.iterations += int(metric.count)
-        name = _COUNTER_OF_METRIC.get(metric.name)
-        if name is not None:
-            setattr(counters, name, getattr(counters, name) + int(metric.value))
-    return counters
+def attach_counters(llm: Any) -> EngineCounterLogger:
+    """Count ``llm``'s iterations from now on (:class:`EngineCounterLogger`).
+
+    Raises:
+        RuntimeError: when the engine keeps no stat loggers (``disable_log_stats``).
+    """
+    manager = getattr(llm.llm_engine, "logger_manager", None)
+    if manager is None:
+        raise RuntimeError("the engine logs no stats (disable_log_stats): cannot count iterations")
+    counter = EngineCounterLogger()
+    manager.stat_loggers.append(counter)
+    return counter
 
 
 @dataclass
@@ -206,6 +246,7 @@ def _sampling_params(
 
 def _generate_step(
     llm: Any,
+    counters: EngineCounterLogger,
     prompt_tokens: Sequence[list[int]],
     prompts: Sequence[Prompt],
     *,
@@ -223,13 +264,13 @@ def _generate_step(
         for _ in range(samples):
             inputs.append(TokensPrompt(prompt_token_ids=prompt_tokens[position]))
             params.append(_sampling_params(temperature, top_p, max_tokens, prompt, step))
-    before = read_counters(llm)
+    before = counters.snapshot()
     started = time.perf_counter()
     outputs = llm.generate(inputs, params, use_tqdm=progress)
     wall_s = time.perf_counter() - started
     if len(outputs) != len(inputs):
         raise RuntimeError(f"step {step}: {len(inputs)} requests but {len(outputs)} outputs")
-    return outputs, wall_s, read_counters(llm).minus(before)
+    return outputs, wall_s, counters.snapshot().minus(before)
 
 
 def _measure(
@@ -251,6 +292,123 @@ def _measure(
     )
 
 
+class MethodSession:
+    """One method's engine, started once, stepped by the caller, then closed.
+
+    A failure after the engine started is kept in ``run.error`` with the steps measured so
+    far; later calls then do nothing, and :meth:`close` still shuts the engine down.
+    """
+
+    def __init__(self, method: str, workload: LiveWorkload, prompts: Sequence[Prompt]) -> None:
+        from das.vllm_engine import make_llm
+
+        kwargs = engine_kwargs_for(method, workload.num_speculative_tokens)
+        self.workload, self.prompts = workload, prompts
+        self.run = MethodRun(method=method, engine_kwargs=kwargs)
+        started = time.perf_counter()
+        self.llm: Any = make_llm(
+            workload.model,
+            dtype=workload.dtype,
+            max_model_len=workload.max_model_len,
+            seed=workload.seed,
+            kv_cache_gib=workload.kv_cache_gib,
+            async_scheduling=False,  # speculation forces synchronous scheduling; so does none
+            **kwargs,
+        )
+        self.run.startup_s = time.perf_counter() - started
+        self.counters = attach_counters(self.llm)
+        self.prompt_tokens: list[list[int]] = []
+        self._guarded(self._tokenize)
+
+    def _tokenize(self) -> None:
+        self.prompt_tokens = gsm8k_prompt_token_ids(
+            self.llm.get_tokenizer(),
+            self.prompts,
+            self.workload.max_tokens,
+            self.workload.max_model_len,
+        )
+
+    def _guarded(self, action: Callable[[], None]) -> None:
+        if self.run.error is not None or self.llm is None:
+            return
+        try:
+            action()
+        except Exception as error:  # keep what was measured; the caller records the failure
+            logger.exception("%s failed after %d steps", self.run.method, len(self.run.steps))
+            self.run.error = f"{type(error).__name__}: {error}"
+
+    def step(self, step: int, progress: bool = True) -> None:
+        """Run and measure RL step ``step`` (one ``generate`` call)."""
+        self._guarded(lambda: self._step(step, progress))
+
+    def _step(self, step: int, progress: bool) -> None:
+        workload = self.workload
+        bar = progress_bar_factory(step, workload.num_steps) if progress else False
+        outputs, wall_s, delta = _generate_step(
+            self.llm,
+            self.counters,
+            self.prompt_tokens,
+            self.prompts,
+            samples=workload.num_samples,
+            temperature=workload.temperature,
+            top_p=workload.top_p,
+            max_tokens=workload.max_tokens,
+            step=step,
+            progress=bar,
+        )
+        measured = _measure(step, outputs, wall_s, delta)
+        self.run.steps.append(measured)
+        logger.info(
+            "%s step %d/%d: %.1f s, %d iterations, %d tokens (%.0f tok/s), "
+            "accepted len %.2f, mean response %.0f tokens, %.0f%% truncated",
+            self.run.method,
+            step + 1,
+            workload.num_steps,
+            measured.wall_s,
+            measured.decode_iterations,
+            measured.output_tokens,
+            measured.output_tokens / measured.wall_s,
+            measured.mean_accepted_len,
+            measured.mean_response_len,
+            100 * measured.share_truncated,
+        )
+
+    def finish(self) -> None:
+        """Run the greedy identity probe and read DAS's counters."""
+        self._guarded(self._finish)
+
+    def _finish(self) -> None:
+        from das.vllm_api import das_stats
+
+        workload = self.workload
+        if workload.probe_prompts and workload.probe_tokens:
+            probe = self.prompts[: workload.probe_prompts]
+            outputs, _, _ = _generate_step(
+                self.llm,
+                self.counters,
+                self.prompt_tokens[: len(probe)],
+                probe,
+                samples=1,
+                temperature=0.0,
+                top_p=1.0,
+                max_tokens=workload.probe_tokens,
+                step=workload.num_steps,
+                progress=False,
+            )
+            self.run.probe_tokens = [
+                list(map(int, output.outputs[0].token_ids)) for output in outputs
+            ]
+        if self.run.method.startswith("das"):
+            self.run.drafter = das_stats(self.llm).get("drafter")
+
+    def close(self) -> None:
+        """Shut the engine down (idempotent)."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            gc.collect()
+
+
 def run_method(
     method: str,
     workload: LiveWorkload,
@@ -265,81 +423,18 @@ def run_method(
     the engine started is kept in ``MethodRun.error`` with the steps measured so far; the
     engine is shut down either way.
     """
-    from das.vllm_api import das_stats
-    from das.vllm_engine import make_llm
-
-    kwargs = engine_kwargs_for(method, workload.num_speculative_tokens)
-    run = MethodRun(method=method, engine_kwargs=kwargs)
-    started = time.perf_counter()
-    llm = make_llm(
-        workload.model,
-        dtype=workload.dtype,
-        max_model_len=workload.max_model_len,
-        seed=workload.seed,
-        kv_cache_gib=workload.kv_cache_gib,
-        async_scheduling=False,  # speculation forces synchronous scheduling; so does the baseline
-        **kwargs,
-    )
-    run.startup_s = time.perf_counter() - started
+    session = MethodSession(method, workload, prompts)
     try:
-        prompt_tokens = gsm8k_prompt_token_ids(
-            llm.get_tokenizer(), prompts, workload.max_tokens, workload.max_model_len
-        )
         for step in range(workload.num_steps):
-            bar = progress_bar_factory(step, workload.num_steps) if progress else False
-            outputs, wall_s, delta = _generate_step(
-                llm,
-                prompt_tokens,
-                prompts,
-                samples=workload.num_samples,
-                temperature=workload.temperature,
-                top_p=workload.top_p,
-                max_tokens=workload.max_tokens,
-                step=step,
-                progress=bar,
-            )
-            measured = _measure(step, outputs, wall_s, delta)
-            run.steps.append(measured)
+            session.step(step, progress)
+            if session.run.error is not None:
+                break
             if on_step is not None:
-                on_step(run)
-            logger.info(
-                "%s step %d/%d: %.1f s, %d iterations, %d tokens (%.0f tok/s), "
-                "accepted len %.2f, mean response %.0f tokens, %.0f%% truncated",
-                method,
-                step + 1,
-                workload.num_steps,
-                measured.wall_s,
-                measured.decode_iterations,
-                measured.output_tokens,
-                measured.output_tokens / measured.wall_s,
-                measured.mean_accepted_len,
-                measured.mean_response_len,
-                100 * measured.share_truncated,
-            )
-        if workload.probe_prompts and workload.probe_tokens:
-            probe = prompts[: workload.probe_prompts]
-            outputs, _, _ = _generate_step(
-                llm,
-                prompt_tokens[: len(probe)],
-                probe,
-                samples=1,
-                temperature=0.0,
-                top_p=1.0,
-                max_tokens=workload.probe_tokens,
-                step=workload.num_steps,
-                progress=False,
-            )
-            run.probe_tokens = [list(map(int, output.outputs[0].token_ids)) for output in outputs]
-        if method.startswith("das"):
-            run.drafter = das_stats(llm).get("drafter")
-    except Exception as error:  # keep what was measured; the caller records the failure
-        logger.exception("%s failed after %d steps", method, len(run.steps))
-        run.error = f"{type(error).__name__}: {error}"
+                on_step(session.run)
+        session.finish()
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-    return run
+        session.close()
+    return session.run
 
 
 def identity_report(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]]) -> dict:
@@ -412,8 +507,15 @@ def run_comparison(
     *,
     on_method_done: Callable[[dict[str, MethodRun]], None] | None = None,
     progress: bool = True,
+    interleave: bool = False,
 ) -> dict[str, MethodRun]:
-    """Run each method in turn (``none`` first, then in the order given).
+    """Run each method (``none`` first, then in the order given).
+
+    By default one method's engine runs all its steps before the next engine starts. With
+    ``interleave``, every engine is started first and step ``s`` runs on each engine in turn
+    (the order reversed on odd steps) before step ``s + 1``: a machine whose speed drifts over
+    minutes then slows both sides of every per-step ratio alike. It holds every engine's KV
+    cache at once.
 
     ``on_method_done`` gets every run so far after each step and after each method.
     """
@@ -423,6 +525,8 @@ def run_comparison(
     if not prompts:
         raise ValueError("prompts must not be empty")
     ordered = sorted(dict.fromkeys(methods), key=lambda m: m != "none")
+    if interleave:
+        return _run_interleaved(ordered, workload, prompts, on_method_done, progress)
     runs: dict[str, MethodRun] = {}
     for position, method in enumerate(ordered, start=1):
         logger.info(
@@ -437,3 +541,32 @@ def run_comparison(
         if on_method_done is not None:
             on_method_done(runs)
     return runs
+
+
+def _run_interleaved(
+    ordered: Sequence[str],
+    workload: LiveWorkload,
+    prompts: Sequence[Prompt],
+    on_update: Callable[[dict[str, MethodRun]], None] | None,
+    progress: bool,
+) -> dict[str, MethodRun]:
+    sessions: dict[str, MethodSession] = {}
+    try:
+        for method in ordered:
+            logger.info("starting %s (%s)", method, LIVE_METHOD_HELP[method])
+            sessions[method] = MethodSession(method, workload, prompts)
+        runs = {method: session.run for method, session in sessions.items()}
+        for step in range(workload.num_steps):
+            turn = list(ordered) if step % 2 == 0 else list(reversed(ordered))
+            for method in turn:
+                sessions[method].step(step, progress)
+                if on_update is not None:
+                    on_update(runs)
+        for session in sessions.values():
+            session.finish()
+        if on_update is not None:
+            on_update(runs)
+        return runs
+    finally:
+        for session in sessions.values():
+            session.close()

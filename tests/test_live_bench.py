@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -145,3 +146,72 @@ def test_bench_script_presets_and_overrides() -> None:
     assert argv[len(argv) - 1 - argv[::-1].index("--temperature") + 1] == "1.0"
     assert argv.count("--json") == 1 and "--plot" in argv
     assert module.build_argv([])[module.build_argv([]).index("--num-prompts") + 1] == "32"
+
+
+class FakeSession:
+    """Stands in for an engine (MethodSession) in the interleaving test; records every call."""
+
+    calls: ClassVar[list[tuple[str, object]]] = []
+
+    def __init__(self, method: str, workload: LiveWorkload, prompts) -> None:
+        self.run = MethodRun(method, {})
+        self.calls.append((method, "start"))
+
+    def step(self, index: int, progress: bool = True) -> None:
+        self.calls.append((self.run.method, index))
+        self.run.steps.append(step(index, 1.0, 10))
+
+    def finish(self) -> None:
+        self.calls.append((self.run.method, "finish"))
+
+    def close(self) -> None:
+        self.calls.append((self.run.method, "close"))
+
+
+def test_interleave_runs_each_step_on_every_engine_with_fake_sessions(monkeypatch) -> None:
+    from das import live_bench
+    from rollouts.prompts import Prompt
+
+    FakeSession.calls = []
+    monkeypatch.setattr(live_bench, "MethodSession", FakeSession)
+    updates = []
+    runs = live_bench.run_comparison(
+        ["das_policy", "none"],
+        LiveWorkload(num_steps=3),
+        [Prompt(0, "q", None)],
+        on_method_done=lambda runs: updates.append(sum(len(r.steps) for r in runs.values())),
+        interleave=True,
+    )
+    order = [call for call in FakeSession.calls if isinstance(call[1], int)]
+    # none first, the order reversed on odd steps; step s everywhere before step s + 1.
+    assert order == [
+        ("none", 0),
+        ("das_policy", 0),
+        ("das_policy", 1),
+        ("none", 1),
+        ("none", 2),
+        ("das_policy", 2),
+    ]
+    assert FakeSession.calls[:2] == [("none", "start"), ("das_policy", "start")]
+    assert FakeSession.calls[-2:] == [("none", "close"), ("das_policy", "close")]
+    assert [len(run.steps) for run in runs.values()] == [3, 3]
+    assert updates == [1, 2, 3, 4, 5, 6, 6]  # saved after every step and at the end
+
+
+def test_engine_counter_logger_counts_what_vllms_prometheus_logger_does() -> None:
+    from vllm.v1.metrics.stats import IterationStats, SchedulerStats
+    from vllm.v1.spec_decode.metrics import SpecDecodingStats
+
+    from das.live_bench import EngineCounterLogger
+
+    counter = EngineCounterLogger()
+    spec = SpecDecodingStats.new(num_spec_tokens=4)
+    spec.observe_draft(num_draft_tokens=4, num_accepted_tokens=3)
+    iteration = IterationStats()
+    iteration.num_generation_tokens = 7
+    counter.record(SchedulerStats(spec_decoding_stats=spec), iteration)
+    counter.record(SchedulerStats(), None)  # a record without an iteration is not one
+    before = counter.snapshot()
+    counter.record(None, iteration)
+    assert before == EngineCounters(1, 7, 1, 4, 3)
+    assert counter.snapshot().minus(before) == EngineCounters(1, 7, 0, 0, 0)

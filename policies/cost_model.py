@@ -350,6 +350,15 @@ class OnlineCostFitter:
         min_distinct_tokens: distinct token counts needed before the first fit.
         linear_only: fit the paper's linear model (knee 0).
         fit_context: fit ``c_ctx`` when the observed context sizes vary; otherwise ``c_ctx=0``.
+        min_draft_steps: the verification terms (``c_draft``, ``c_spec_request``) are fitted
+            only from a window holding at least this many steps with drafts and as many
+            without; otherwise they are the prior's.
+
+    Why the prior's, not the last fit's, when the window lacks steps with drafts: the policy
+    decides from this model, so a fit that priced drafts too high (a few steps that ran slow
+    for another reason, e.g. a busy machine) would stop drafting, and a window without drafts
+    could never correct it. Returning to the prior's price once such steps have left the window
+    makes the policy draft again, and the fit measures the price anew.
     """
 
     def __init__(
@@ -361,6 +370,7 @@ class OnlineCostFitter:
         min_distinct_tokens: int = 4,
         linear_only: bool = False,
         fit_context: bool = True,
+        min_draft_steps: int = 16,
     ) -> None:
         if not isinstance(prior, StepCostModel):
             raise ValueError(f"prior={prior!r} must be a StepCostModel")
@@ -370,6 +380,7 @@ class OnlineCostFitter:
         self._min_distinct_tokens = check_int(min_distinct_tokens, "min_distinct_tokens", 2)
         self._linear_only = bool(linear_only)
         self._fit_context = bool(fit_context)
+        self._min_draft_steps = check_int(min_draft_steps, "min_draft_steps", minimum=1)
         self._tokens: deque[float] = deque(maxlen=self._window)
         self._context: deque[float] = deque(maxlen=self._window)
         self._seconds: deque[float] = deque(maxlen=self._window)
@@ -430,10 +441,10 @@ class OnlineCostFitter:
         context = np.fromiter(self._context, dtype=np.float64, count=len(self._context))
         drafts = np.fromiter(self._drafts, dtype=np.float64, count=len(self._drafts))
         use_context = self._fit_context and float(np.ptp(context)) > 0
-        # The verification terms need steps with and without drafts; a window of one kind keeps
-        # the last estimates (a window without drafts says nothing about what drafting costs).
-        fit_drafts = bool((drafts > 0).any() and (drafts == 0).any())
-        previous = self.model
+        # The verification terms need enough steps with and without drafts; otherwise they are
+        # the prior's (see the class docstring: a stale high price would stop drafting for good).
+        with_drafts = int((drafts > 0).sum())
+        fit_drafts = min(with_drafts, drafts.size - with_drafts) >= self._min_draft_steps
         fitted = fit_step_cost(
             np.fromiter(self._tokens, dtype=np.float64, count=len(self._tokens)),
             np.fromiter(self._seconds, dtype=np.float64, count=len(self._seconds)),
@@ -443,7 +454,7 @@ class OnlineCostFitter:
         )
         if not fit_drafts:
             fitted = dataclasses.replace(
-                fitted, c_draft=previous.c_draft, c_spec_request=previous.c_spec_request
+                fitted, c_draft=self._prior.c_draft, c_spec_request=self._prior.c_spec_request
             )
         self._fitted = fitted
         return self._fitted

@@ -444,3 +444,31 @@ def test_online_fit_keeps_verification_costs_until_it_sees_both_kinds_of_steps()
         seconds = 0.02 + 0.0005 * (requests + drafts) + 0.0001 * requests * (drafts > 0)
         fitter.observe(requests + drafts, 0, seconds, draft_tokens=drafts)
     assert fitter.model.c_spec_request == pytest.approx(0.0001, rel=1e-2)
+
+
+def test_online_fit_returns_to_the_prior_draft_price_once_draft_steps_leave_the_window() -> None:
+    prior = StepCostModel(0.03, 0.001, c_draft=0.0002)
+    fitter = OnlineCostFitter(prior, window=64, refit_every=8, min_draft_steps=8)
+    # A slow spell while drafting: the fit prices a draft token at 10 ms.
+    for requests in range(10, 42):
+        drafts = 5 * (requests % 2)
+        seconds = 0.03 + 0.001 * (requests + drafts) + 0.01 * drafts
+        fitter.observe(requests + drafts, 0, seconds, draft_tokens=drafts)
+    assert fitter.model.c_draft == pytest.approx(0.01, rel=1e-3)
+    # The policy then stops drafting. Once the draft steps are gone from the window, the price
+    # is the prior's again, so drafting resumes and is measured anew.
+    for requests in range(10, 80):
+        fitter.observe(requests, 0, 0.03 + 0.001 * requests)
+    assert fitter.model.c_draft == prior.c_draft
+    assert fitter.model.c_tok == pytest.approx(0.001, rel=1e-3)
+
+
+def test_online_fit_needs_enough_draft_steps_to_price_drafts() -> None:
+    prior = StepCostModel(0.03, 0.001, c_draft=0.0002)
+    fitter = OnlineCostFitter(prior, refit_every=4, min_draft_steps=8)
+    for requests in range(10, 40):  # 3 steps with very expensive drafts among 27 without
+        drafts = 5 if requests % 10 == 0 else 0
+        fitter.observe(requests + drafts, 0, 0.03 + 0.001 * requests + 0.05 * drafts, drafts)
+    assert fitter.model.c_draft == prior.c_draft
+    with pytest.raises(ValueError, match="min_draft_steps=0"):
+        OnlineCostFitter(prior, min_draft_steps=0)

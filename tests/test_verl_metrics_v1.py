@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 
 pytest.importorskip("verl")
-pytest.importorskip("transfer_queue")  # verl's v1 trainer imports it
+# verl's v1 trainer imports TransferQueue; scripts/setup_env.sh installs it, so a missing one is
+# a failure here, not a skip.
+import transfer_queue  # noqa: F401
 
 from das.verl_hook import compose_verl_config, das_rollout_metrics
 from das.verl_metrics import DASTrainerMetrics, install_v1_trainer_metrics

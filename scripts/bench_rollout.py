@@ -8,11 +8,16 @@ Two preset workloads (any ``das-rollout run`` option given after them overrides 
 * ``--workload small``: 4 prompts x 2 samples x 4 steps (8 concurrent requests, where a step's
   cost hardly grows with its tokens). Writes ``benchmarks/results/rollout_cpu_small.json``.
 
-Each method gets its own engine, one after the other, with identical settings; the JSON is
-rewritten after every method. Ratios against ``none`` (steps 2-4) are printed at the end.
+Each method gets its own engine with identical settings, one after the other, or, with
+``--interleave``, all started first and stepped in turn (step s on every engine before step
+s + 1), which keeps the machine's drift out of the per-step ratios. The JSON is rewritten after
+every step. Ratios against ``none`` (steps 2-4) are printed at the end.
 
     python scripts/bench_rollout.py --workload small
     python scripts/bench_rollout.py --workload rl --temperature 1.0 --json /tmp/rl_t10.json
+    python scripts/bench_rollout.py --workload rl --methods none,das_policy --interleave \
+        --json benchmarks/results/rollout_cpu_interleaved.json \\
+        --plot benchmarks/results/rollout_cpu_interleaved.png
 """
 
 from __future__ import annotations

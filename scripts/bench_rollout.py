@@ -15,7 +15,7 @@ every step. Ratios against ``none`` (steps 2-4) are printed at the end.
 
     python scripts/bench_rollout.py --workload small
     python scripts/bench_rollout.py --workload rl --temperature 1.0 --json /tmp/rl_t10.json
-    python scripts/bench_rollout.py --workload rl --methods none,das_policy --interleave \
+    python scripts/bench_rollout.py --workload rl --methods none,das_policy --interleave \\
         --json benchmarks/results/rollout_cpu_interleaved.json \\
         --plot benchmarks/results/rollout_cpu_interleaved.png
 """

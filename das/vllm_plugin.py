@@ -28,6 +28,14 @@ ignored) and logs what it did. The patches:
    method, vLLM's own included, ran about 1.6× slower per step at large batches. The
    replacement samples the same distribution at a cost proportional to the draft tokens.
 
+5. Position-keyed sampling (every vLLM 0.32.0, opt-in per request with
+   ``SamplingParams(seed=..., extra_args={"das_position_keyed": True})``): after
+   ``_update_states`` the runner hook records each keyed row's seed and output position
+   (:func:`das.vllm_keyed.on_update_states`), the runner's ``TopKTopPSampler`` draws those rows
+   with noise keyed by (seed, position), and ``rejection_sampler.rejection_sample`` accepts a
+   draft of a keyed row iff it is that keyed draw (:mod:`das.vllm_keyed`). Seeded rollouts are
+   then the same token for token with and without speculation. Other requests are untouched.
+
 Set ``DAS_VLLM_CPU_FIXES=0`` to leave out patches 2-4 (only to show what they fix).
 """
 
@@ -105,10 +113,14 @@ def register() -> bool:
     if cpu_fixes:
         _patch_expand_kernel()  # first: if it cannot be fixed, nothing is patched
         _patch_recovered_tokens()
+    from das import vllm_keyed
+
+    vllm_keyed.patch_rejection_sample()
     GPUModelRunner._update_states = _wrap_update_states(original, rewind_seeds=cpu_fixes)
     _applied.append("runner_hook")
     if cpu_fixes:
         _applied.extend(["cpu_expand_kernel", "cpu_seeded_generators", "cpu_recovered_tokens"])
+    _applied.append("position_keyed_sampler")
     logger.info("DAS patched vLLM %s in pid %d: %s", version, os.getpid(), ", ".join(_applied))
     return True
 
@@ -130,6 +142,8 @@ def refusal() -> str | None:
 
 # --------------------------------------------------------------------------- runner hook
 def _wrap_update_states(original: Callable, rewind_seeds: bool) -> Callable:
+    from das.vllm_keyed import on_update_states
+
     @functools.wraps(original)
     def _update_states(self: Any, scheduler_output: Any) -> Any:
         hook = getattr(getattr(self, "drafter", None), "das_on_schedule", None)
@@ -138,6 +152,7 @@ def _wrap_update_states(original: Callable, rewind_seeds: bool) -> Callable:
         result = original(self, scheduler_output)
         if rewind_seeds and self.input_batch.generators:
             _use_rewindable_generators(self, scheduler_output)
+        on_update_states(self, scheduler_output)  # patch 5: this step's keyed rows
         return result
 
     setattr(_update_states, _PATCH_MARK, True)

@@ -55,6 +55,12 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     )
     parser.add_argument("--probe-tokens", type=int, default=defaults.probe_tokens)
     parser.add_argument(
+        "--keyed",
+        action="store_true",
+        help="position-keyed sampling (seeded per prompt, sample and step): every method "
+        "samples the same rollouts token for token, so steps compare like for like",
+    )
+    parser.add_argument(
         "--interleave",
         action="store_true",
         help="start every engine first and run each step on all of them in turn (robust to a "
@@ -94,6 +100,7 @@ def run_run(args: argparse.Namespace) -> int:
             kv_cache_gib=args.kv_cache_gib,
             probe_prompts=args.probe_prompts,
             probe_tokens=args.probe_tokens,
+            keyed=args.keyed,
         )
     except ValueError as error:
         raise SystemExit(f"das-rollout run: {error}") from error

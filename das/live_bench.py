@@ -18,6 +18,7 @@ No module here imports numba: vLLM's spawned engine process re-imports ``__main_
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -65,6 +66,7 @@ class LiveWorkload:
     kv_cache_gib: float = 6.0
     probe_prompts: int = 8
     probe_tokens: int = 128
+    keyed: bool = False  # position-keyed sampling: every method samples the same rollouts
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "num_samples", "num_steps", "max_tokens"):
@@ -192,6 +194,7 @@ class StepMeasurement:
     accepted_tokens: int
     mean_response_len: float
     share_truncated: float
+    output_digest: str = ""  # sha256 of every request's output token ids, in request order
 
     @property
     def mean_accepted_len(self) -> float:
@@ -228,19 +231,39 @@ class MethodRun:
         }
 
 
+def rollout_seed(base_seed: int, prompt_index: int, sample: int, step: int) -> int:
+    """The seed of one keyed rollout: a function of (run seed, prompt, sample, step) only, so
+    every method's engine samples the same rollout with the same noise."""
+    mixed = base_seed
+    for part in (prompt_index, sample, step):
+        mixed = (mixed * 1_000_003 + part + 1) & 0xFFFF_FFFF_FFFF_FFFF
+    return mixed & 0x7FFF_FFFF_FFFF_FFFF  # vLLM's seeds are signed 64-bit
+
+
 def _sampling_params(
-    temperature: float, top_p: float, max_tokens: int, prompt: Prompt, step: int
+    temperature: float,
+    top_p: float,
+    max_tokens: int,
+    prompt: Prompt,
+    step: int,
+    keyed_seed: int | None = None,
 ) -> Any:
     from vllm import SamplingParams
 
     # The same extra_args go to every method; only DAS reads them (prompt key = dataset index).
+    extra_args: dict[str, Any] = {"das_prompt_key": f"prompt:{prompt.index}", "das_step": step}
+    if keyed_seed is not None:
+        from das.vllm_keyed import OPTION
+
+        extra_args[OPTION] = True
     return SamplingParams(
         n=1,
         temperature=temperature,
         top_p=top_p,
         max_tokens=max_tokens,
         detokenize=False,
-        extra_args={"das_prompt_key": f"prompt:{prompt.index}", "das_step": step},
+        seed=keyed_seed,
+        extra_args=extra_args,
     )
 
 
@@ -256,14 +279,18 @@ def _generate_step(
     max_tokens: int,
     step: int,
     progress: Callable[..., Any] | bool,
+    keyed_base_seed: int | None = None,
 ) -> tuple[list[Any], float, EngineCounters]:
     from vllm.inputs import TokensPrompt
 
     inputs, params = [], []
     for position, prompt in enumerate(prompts):
-        for _ in range(samples):
+        for sample in range(samples):
+            seed = None
+            if keyed_base_seed is not None and temperature > 0:
+                seed = rollout_seed(keyed_base_seed, prompt.index, sample, step)
             inputs.append(TokensPrompt(prompt_token_ids=prompt_tokens[position]))
-            params.append(_sampling_params(temperature, top_p, max_tokens, prompt, step))
+            params.append(_sampling_params(temperature, top_p, max_tokens, prompt, step, seed))
     before = counters.snapshot()
     started = time.perf_counter()
     outputs = llm.generate(inputs, params, use_tqdm=progress)
@@ -277,6 +304,10 @@ def _measure(
     step: int, outputs: Sequence[Any], wall_s: float, delta: EngineCounters
 ) -> StepMeasurement:
     lengths = [len(output.outputs[0].token_ids) for output in outputs]
+    digest = hashlib.sha256()
+    for output in outputs:
+        digest.update(np.asarray(output.outputs[0].token_ids, dtype=np.int64).tobytes())
+        digest.update(b"|")
     truncated = sum(output.outputs[0].finish_reason == "length" for output in outputs)
     return StepMeasurement(
         step=step,
@@ -289,6 +320,7 @@ def _measure(
         accepted_tokens=delta.num_accepted_tokens,
         mean_response_len=float(np.mean(lengths)) if lengths else 0.0,
         share_truncated=truncated / len(outputs) if outputs else 0.0,
+        output_digest=digest.hexdigest(),
     )
 
 
@@ -355,6 +387,7 @@ class MethodSession:
             max_tokens=workload.max_tokens,
             step=step,
             progress=bar,
+            keyed_base_seed=workload.seed if workload.keyed else None,
         )
         measured = _measure(step, outputs, wall_s, delta)
         self.run.steps.append(measured)
@@ -496,6 +529,12 @@ def summarize(runs: dict[str, MethodRun], compare_steps: Sequence[int]) -> dict[
             ]
         if run.probe_tokens and base is not None and name != "none":
             entry["identity"] = identity_report(base.probe_tokens, run.probe_tokens)
+        if base is not None and name != "none":
+            # Per step: the same rollouts as none's, token for token (expected with --keyed).
+            entry["rollouts_identical_to_none"] = [
+                bool(s.output_digest) and s.output_digest == b.output_digest
+                for s, b in zip(run.steps, base.steps, strict=False)
+            ]
         summary[name] = entry
     return summary
 

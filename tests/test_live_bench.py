@@ -215,3 +215,31 @@ def test_engine_counter_logger_counts_what_vllms_prometheus_logger_does() -> Non
     counter.record(None, iteration)
     assert before == EngineCounters(1, 7, 1, 4, 3)
     assert counter.snapshot().minus(before) == EngineCounters(1, 7, 0, 0, 0)
+
+
+def test_summary_compares_each_steps_rollouts_with_none_by_digest() -> None:
+    runs = make_runs()
+    for run in runs.values():
+        for measured in run.steps:
+            measured.output_digest = f"rollouts-{measured.step}"
+    runs["das_policy"].steps[2].output_digest = "other"
+    summary = summarize(runs, [1, 2])
+    assert summary["das_policy"]["rollouts_identical_to_none"] == [True, True, False]
+    runs["das_policy"].steps[0].output_digest = ""  # not measured: never counts as identical
+    assert summarize(runs, [1, 2])["das_policy"]["rollouts_identical_to_none"][0] is False
+
+
+def test_keyed_sampling_params_seed_each_rollout_by_prompt_sample_and_step() -> None:
+    from das.live_bench import _sampling_params, rollout_seed
+    from das.vllm_keyed import OPTION
+    from rollouts.prompts import Prompt
+
+    seeds = {rollout_seed(0, p, s, t) for p in range(32) for s in range(8) for t in range(4)}
+    assert len(seeds) == 32 * 8 * 4
+    assert all(0 <= seed < 2**63 for seed in seeds)
+    assert rollout_seed(0, 1, 2, 3) == rollout_seed(0, 1, 2, 3) != rollout_seed(1, 1, 2, 3)
+    keyed = _sampling_params(0.6, 1.0, 16, Prompt(5, "q", None), 2, keyed_seed=7)
+    assert keyed.seed == 7 and keyed.extra_args[OPTION] is True
+    plain = _sampling_params(0.6, 1.0, 16, Prompt(5, "q", None), 2)
+    assert plain.seed is None and OPTION not in plain.extra_args
+    assert plain.extra_args["das_prompt_key"] == "prompt:5"

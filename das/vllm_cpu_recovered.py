@@ -75,14 +75,18 @@ def sample_excluding(
     """Row ``r``: the token that ``uniforms[r]`` selects by inverse CDF from ``probs[r]`` with
     ``excluded[r]`` removed (``probs``: ``[rows, vocab]``, non-negative, need not sum to 1).
 
-    A row whose mass outside ``excluded[r]`` is 0 returns ``excluded[r]``.
+    A row whose mass outside ``excluded[r]`` is 0 returns ``excluded[r]``. An ``excluded[r]``
+    outside the vocabulary (vLLM pads some draft positions with -1) excludes nothing: such a
+    draft is never accepted, and vLLM's own function does not fail on it either.
     """
     rows, vocab = probs.shape
     if rows == 0:
         return torch.empty(0, dtype=torch.int64, device=probs.device)
     row_index = torch.arange(rows, device=probs.device)
     block_mass = _block_mass(probs)
-    excluded_block = excluded // BLOCK
+    in_vocab = (excluded >= 0) & (excluded < vocab)
+    excluded = torch.where(in_vocab, excluded, torch.full_like(excluded, -1))
+    excluded_block = torch.where(in_vocab, excluded // BLOCK, torch.zeros_like(excluded))
     # The excluded token's block is summed again from the same elements with it zeroed, so
     # that a block's mass is 0 exactly when every token in it is.
     block_mass[row_index, excluded_block] = _gather_blocks(probs, excluded_block, excluded).sum(-1)

@@ -86,3 +86,18 @@ def test_seeded_requests_draw_from_their_own_generator() -> None:
     assert first.dtype == torch.int32 and first.shape == (5,)
     assert first[2:].tolist() == second[2:].tolist()  # request 2 is seeded
     assert (first != draft_token_ids).all()
+
+
+@pytest.mark.parametrize("vocab", [BLOCK * 2, BLOCK * 2 + 37])
+def test_a_draft_outside_the_vocabulary_excludes_nothing(vocab: int) -> None:
+    """vLLM pads some draft positions with -1 (a live engine crashed on one, index -128)."""
+    probs = _skewed_probs(vocab, seed=3).expand(6, vocab).contiguous()
+    uniforms = torch.tensor([0.0, 0.2, 0.5, 0.7, 0.9, 1.0 - 2**-52], dtype=torch.float64)
+    excluded = torch.tensor([-1, -1, vocab, vocab + 5, -1, -1])
+    tokens = sample_excluding(probs, excluded, uniforms)
+    # The full distribution's inverse CDF, as nothing is removed.
+    cumulative = probs.double().cumsum(-1)
+    target = uniforms * cumulative[:, -1]
+    expected = torch.searchsorted(cumulative, target.unsqueeze(1), right=True).squeeze(1)
+    assert tokens.tolist() == expected.clamp(max=vocab - 1).tolist()
+    assert bool((probs[torch.arange(6), tokens] > 0).all())

@@ -353,21 +353,10 @@ def test_rejection_sample_seam_overrides_keyed_rows_only() -> None:
     rejected position emits the keyed draw, not vLLM's recovered token), the unkeyed greedy row
     keeps vLLM's rule. In a subprocess: vLLM's CPU kernels must be registered before import."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_PLUGINS": "none"}
-    result = subprocess.run(
-        [sys.executable, "-c", REJECTION_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    got = json.loads(result.stdout.strip().splitlines()[-1])
+    from tests.vllm_subprocess import run_vllm_cpu_script
+
+    got = json.loads(run_vllm_cpu_script(REJECTION_SCRIPT)[-1])
     row0, row2, greedy = got["row0"], got["row2"], got["greedy"]
     assert got["output"][0] == [*row0, -1]  # draws 0, 1 accepted; draw 2 emitted at rejection
     assert got["output"][1] == [*greedy, 8, -1]

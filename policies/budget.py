@@ -215,6 +215,14 @@ def _flatten_gains(
     return probs * weights[request], request
 
 
+def _per_request(values: object, name: str, num_requests: int) -> np.ndarray:
+    """``values`` as a float vector >= 0 with one value per request (a clear error if not)."""
+    array = as_float_vector(values, name, minimum=0.0)
+    if array.size != num_requests:
+        raise ValueError(f"{name} has {array.size} values for {num_requests} requests")
+    return array
+
+
 def _check_weights(weights: np.ndarray | None, num_requests: int) -> np.ndarray:
     if weights is None:
         return np.ones(num_requests)
@@ -294,11 +302,7 @@ def optimal_budgets(
         max_budget = check_int(max_budget, "max_budget", minimum=0)
     per_request_context = np.ndim(context_tokens) > 0
     if per_request_context:
-        context = as_float_vector(context_tokens, "context_tokens", minimum=0.0)
-        if context.size != num_requests:
-            raise ValueError(
-                f"context_tokens has {context.size} values for {num_requests} requests"
-            )
+        context = _per_request(context_tokens, "context_tokens", num_requests)
     else:
         context = check_real(context_tokens, "context_tokens", minimum=0.0)
     weight = _check_weights(weights, num_requests)
@@ -380,19 +384,11 @@ def makespan_budgets(
     num_requests = len(cumulative_probs)
     if max_budget is not None:
         max_budget = check_int(max_budget, "max_budget", minimum=0)
-    remaining = as_float_vector(remaining_tokens, "remaining_tokens", minimum=0.0)
-    if remaining.size != num_requests:
-        raise ValueError(
-            f"remaining_tokens has {remaining.size} values for {num_requests} requests"
-        )
+    remaining = _per_request(remaining_tokens, "remaining_tokens", num_requests)
     if context_tokens is None:
         context = np.zeros(num_requests)
     else:
-        context = as_float_vector(context_tokens, "context_tokens", minimum=0.0)
-        if context.size != num_requests:
-            raise ValueError(
-                f"context_tokens has {context.size} values for {num_requests} requests"
-            )
+        context = _per_request(context_tokens, "context_tokens", num_requests)
     if num_requests == 0:
         return np.zeros(0, dtype=np.int64)
     reads = float(context.sum())

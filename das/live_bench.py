@@ -27,14 +27,15 @@ from typing import Any
 
 import numpy as np
 
+from das.live_breakdown import time_breakdown
 from das.record import gsm8k_prompt_token_ids, progress_bar_factory
 from das.vllm_api import WORKER_EXTENSION, das_speculative_config
 from rollouts.prompts import Prompt
 
 logger = logging.getLogger(__name__)
 
-LIVE_METHODS = ("none", "ngram", "suffix", "das_fixed", "das_policy", "spec_idle")
-COMPARED_METHODS = LIVE_METHODS[:5]  # what a benchmark run compares; spec_idle is a diagnostic
+LIVE_METHODS = ("none", "ngram", "suffix", "das_fixed", "das_policy", "spec_idle", "none_repeat")
+COMPARED_METHODS = LIVE_METHODS[:5]  # what a benchmark run compares; the rest are diagnostics
 LIVE_METHOD_HELP = {
     "none": "no speculation",
     "ngram": "vLLM's ngram (prompt lookup) proposer, vLLM's default lookup sizes",
@@ -43,6 +44,8 @@ LIVE_METHOD_HELP = {
     "das_policy": "DAS with the cost-model budget policy, fitted online to this engine",
     "spec_idle": "diagnostic: vLLM's speculative mode that almost never drafts (ngram, 64-token "
     "lookup): what speculation costs an engine before any draft",
+    "none_repeat": "diagnostic: a second no-speculation engine; with --interleave, its ratio to "
+    "none is the machine's own step-to-step noise (an A/A comparison)",
 }
 IDLE_LOOKUP_TOKENS = 64  # an n-gram this long almost never repeats within one rollout
 
@@ -90,7 +93,7 @@ class LiveWorkload:
 def engine_kwargs_for(method: str, num_speculative_tokens: int) -> dict[str, Any]:
     """The vLLM engine arguments that select ``method``; everything else is shared."""
     k = num_speculative_tokens
-    if method == "none":
+    if method in ("none", "none_repeat"):
         return {}
     if method == "ngram":
         return {"speculative_config": {"method": "ngram", "num_speculative_tokens": k}}
@@ -195,6 +198,10 @@ class StepMeasurement:
     mean_response_len: float
     share_truncated: float
     output_digest: str = ""  # sha256 of every request's output token ids, in request order
+    # DAS methods only: seconds inside DAS's propose during the step (drafting, bookkeeping,
+    # policy), and the engine's fitted step cost model at the step's end.
+    propose_s: float | None = None
+    cost_model: dict[str, float] | None = None
 
     @property
     def mean_accepted_len(self) -> float:
@@ -350,6 +357,7 @@ class MethodSession:
         self.run.startup_s = time.perf_counter() - started
         self.counters = attach_counters(self.llm)
         self.prompt_tokens: list[list[int]] = []
+        self._propose_s = 0.0  # DAS's cumulative propose time at the last reading
         self._guarded(self._tokenize)
 
     def _tokenize(self) -> None:
@@ -390,6 +398,8 @@ class MethodSession:
             keyed_base_seed=workload.seed if workload.keyed else None,
         )
         measured = _measure(step, outputs, wall_s, delta)
+        if self.run.method.startswith("das"):
+            self._add_drafter_readings(measured)
         self.run.steps.append(measured)
         logger.info(
             "%s step %d/%d: %.1f s, %d iterations, %d tokens (%.0f tok/s), "
@@ -405,6 +415,18 @@ class MethodSession:
             measured.mean_response_len,
             100 * measured.share_truncated,
         )
+
+    def _add_drafter_readings(self, measured: StepMeasurement) -> None:
+        from das.vllm_api import das_stats
+
+        workers = [w for w in das_stats(self.llm).get("drafter") or [] if w]
+        if not workers:
+            logger.warning("%s: no DAS counters after step %d", self.run.method, measured.step)
+            return
+        propose_s = sum(float(w.get("propose_s", 0.0)) for w in workers)
+        measured.propose_s = propose_s - self._propose_s
+        self._propose_s = propose_s
+        measured.cost_model = workers[0].get("cost_model")
 
     def finish(self) -> None:
         """Run the greedy identity probe and read DAS's counters."""
@@ -527,6 +549,12 @@ def summarize(runs: dict[str, MethodRun], compare_steps: Sequence[int]) -> dict[
                 for s, b in zip(run.steps, base.steps, strict=False)
                 if b.wall_s > 0
             ]
+            if any(s.cost_model for s in run.steps):
+                entry["time_breakdown_vs_none"] = [
+                    time_breakdown(s, b).to_dict()
+                    for s, b in zip(run.steps, base.steps, strict=False)
+                    if s.cost_model
+                ]
         if run.probe_tokens and base is not None and name != "none":
             entry["identity"] = identity_report(base.probe_tokens, run.probe_tokens)
         if base is not None and name != "none":

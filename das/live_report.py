@@ -88,7 +88,40 @@ def format_table(runs: dict[str, MethodRun], workload: LiveWorkload) -> str:
                 else ""
             )
         )
+    lines.extend(format_breakdowns(summary))
     return "\n".join(lines)
+
+
+BREAKDOWN_PARTS = (
+    ("iterations_s", "iters"),
+    ("rejected_drafts_s", "rejected"),
+    ("draft_overhead_s", "draft ovh"),
+    ("propose_s", "propose"),
+    ("text_length_s", "text len"),
+    ("residual_s", "residual"),
+)
+
+
+def format_breakdowns(summary: dict[str, Any]) -> list[str]:
+    """Per DAS method and step: its wall time minus none's, split by cause (seconds)."""
+    lines: list[str] = []
+    for name, entry in summary.items():
+        rows = entry.get("time_breakdown_vs_none")
+        if not rows:
+            continue
+        lines.append("")
+        lines.append(
+            f"{name}: wall time minus none's, by cause (s; priced with the engine's own fit)"
+        )
+        lines.append(
+            f"  {'step':>4} {'delta':>7} " + " ".join(f"{label:>9}" for _, label in BREAKDOWN_PARTS)
+        )
+        for row in rows:
+            lines.append(
+                f"  {row['step'] + 1:>4} {row['wall_delta_s']:>7.1f} "
+                + " ".join(f"{row[key]:>9.1f}" for key, _ in BREAKDOWN_PARTS)
+            )
+    return lines
 
 
 def plot_live(runs: dict[str, MethodRun], path: str | os.PathLike[str], title: str) -> Path:

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from das.live_bench import LiveWorkload, MethodRun, summarize
+from das.live_bench import COMPARED_METHODS, LiveWorkload, MethodRun, summarize
 
 
 def compare_steps_for(workload: LiveWorkload) -> list[int]:
@@ -36,7 +36,12 @@ def build_report(
             "platform": platform.platform(),
             "load_avg_1m_at_write": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         },
-        "methods": {name: run.to_dict() for name, run in runs.items()},
+        # The schema: compared methods only. Diagnostic engines (none_repeat, the A/A
+        # control; spec_idle) are kept apart; the summary covers both.
+        "methods": {name: run.to_dict() for name, run in runs.items() if name in COMPARED_METHODS},
+        "diagnostics": {
+            name: run.to_dict() for name, run in runs.items() if name not in COMPARED_METHODS
+        },
         "summary": summary,
         # Greedy identity probe (temperature 0, after the measured steps) against ``none``.
         "greedy_identical": all(identities) if identities else None,

@@ -10,7 +10,7 @@ from typing import ClassVar
 import pytest
 
 from das.live_bench import (
-    LIVE_METHODS,
+    COMPARED_METHODS,
     EngineCounters,
     LiveWorkload,
     MethodRun,
@@ -113,12 +113,16 @@ def test_summary_compares_steps_two_on_against_none() -> None:
 
 def test_report_has_the_issue_schema(tmp_path: Path) -> None:
     runs = make_runs()
+    runs["none_repeat"] = MethodRun("none_repeat", {}, steps=[step(i, 2.1, 100) for i in range(3)])
     workload = LiveWorkload(num_prompts=2, num_samples=2, num_steps=3)
     report = json.loads(json.dumps(build_report(runs, workload, "das-rollout run")))
     assert report["command"] == "das-rollout run"
     assert report["greedy_identical"] is False
+    assert set(report["methods"]) == {"none", "das_policy"}
+    assert set(report["diagnostics"]) == {"none_repeat"}
+    assert report["summary"]["none_repeat"]["speedup_vs_none"] == pytest.approx(2.0 / 2.1)
     for name, method in report["methods"].items():
-        assert name in LIVE_METHODS
+        assert name in COMPARED_METHODS
         for entry in method["steps"]:
             for key, kind in (
                 ("step", int),

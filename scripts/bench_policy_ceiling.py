@@ -49,7 +49,8 @@ from rollouts.trace import RolloutRecord, group_by_step, read_trace
 
 logger = logging.getLogger("bench_policy_ceiling")
 
-# The online fit of the live RL benchmark's DAS engine (benchmarks/results/rollout_cpu.json).
+# The online fit of the live RL benchmark's DAS engine
+# (benchmarks/results/rollout_cpu_sequential.json).
 LIVE_CPU_COST = "0.0363,0.00078"
 METHODS = ("none", "das_fixed", "das_policy", "makespan_predicted", "makespan_oracle")
 

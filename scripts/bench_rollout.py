@@ -13,11 +13,18 @@ Each method gets its own engine with identical settings, one after the other, or
 s + 1), which keeps the machine's drift out of the per-step ratios. The JSON is rewritten after
 every step. Ratios against ``none`` (steps 2-4) are printed at the end.
 
-    python scripts/bench_rollout.py --workload small
-    python scripts/bench_rollout.py --workload rl --temperature 1.0 --json /tmp/rl_t10.json
-    python scripts/bench_rollout.py --workload rl --methods none,das_policy --interleave \\
-        --json benchmarks/results/rollout_cpu_interleaved.json \\
-        --plot benchmarks/results/rollout_cpu_interleaved.png
+The committed results came from (``none_repeat`` is a second no-speculation engine: its ratio
+to ``none`` is the machine's own noise)::
+
+    python scripts/bench_rollout.py --workload small --interleave --kv-cache-gib 1 \\
+        --methods none,none_repeat,ngram,suffix,das_fixed,das_policy
+    python scripts/bench_rollout.py --workload rl --interleave --kv-cache-gib 2 \\
+        --methods none,ngram,suffix,das_policy
+    python scripts/bench_rollout.py --workload rl --interleave --keyed --kv-cache-gib 4 \\
+        --methods none,none_repeat,das_policy --json benchmarks/results/rollout_cpu_keyed_aa.json
+
+Four engines of 2 GiB KV cache each fit a 24 GiB machine; four of 4 GiB did not (the kernel
+killed one).
 """
 
 from __future__ import annotations

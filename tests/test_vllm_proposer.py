@@ -358,3 +358,18 @@ def test_cost_observations_are_decode_steps_with_attended_kv_tokens() -> None:
     assert window["num_tokens"] and min(window["context_tokens"]) > 0
     # Every observed step is a decode step: no prompt-sized token counts.
     assert max(window["num_tokens"]) <= engine.proposer.num_speculative_tokens * 8 + 8
+
+
+def test_cpu_cost_prior_prices_verification_and_honours_the_profile_env(monkeypatch) -> None:
+    from das.vllm_proposer import CPU_DRAFT_COST, CPU_SPEC_REQUEST_COST, default_cost_prior
+
+    monkeypatch.delenv("DAS_COST_PROFILE", raising=False)
+    prior = default_cost_prior(on_cpu=True)
+    assert (prior.c_draft, prior.c_spec_request) == (CPU_DRAFT_COST, CPU_SPEC_REQUEST_COST)
+    # a step of 256 requests that verifies one draft costs what its 256 requests add
+    with_draft = prior.step_time(257, draft_tokens=1)
+    assert with_draft - prior.step_time(257) == pytest.approx(
+        CPU_DRAFT_COST + 256 * CPU_SPEC_REQUEST_COST
+    )
+    monkeypatch.setenv("DAS_COST_PROFILE", "0.05,0.001")
+    assert default_cost_prior(on_cpu=True).c_spec_request == 0.0

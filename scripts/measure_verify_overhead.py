@@ -1,0 +1,144 @@
+"""Measure what vLLM's verification path adds to a step's sampling, on this machine.
+
+vLLM 0.32 sends every step of a speculative engine through its ``RejectionSampler``; DAS's fix 6
+(``das.vllm_plugin``) samples a step without drafts as a plain engine does. For each batch size
+B, with real vLLM ``Sampler``/``RejectionSampler`` objects on ``B x vocab`` bf16 logits
+(temperature sampling, vLLM's CPU kernels), this times the median of:
+
+* ``plain``: the sampler of a non-speculative engine;
+* ``rejection_no_draft``: vLLM's path for a speculative step without drafts (unpatched);
+* ``fixed_no_draft``: the same step with fix 6;
+* ``rejection_one_draft``: a step where one row verifies one draft token.
+
+``rejection_one_draft - plain`` is what the first draft of a step costs on top of its token,
+and its slope in B is the cost model's ``c_spec_request`` (seconds per request of a step that
+verifies any draft). Writes JSON::
+
+    python scripts/measure_verify_overhead.py --output benchmarks/results/verify_overhead_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+logger = logging.getLogger("measure_verify_overhead")
+
+DEFAULT_VOCAB = 49152  # SmolLM2's vocabulary
+
+
+def median_seconds(action: Callable[[], object], repeats: int) -> float:
+    action()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure_batch(rows: int, vocab: int, repeats: int) -> dict[str, float]:
+    import torch
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.sample.sampler import Sampler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from das import vllm_plugin
+    from das.vllm_sampling_inputs import sampling_metadata, spec_decode_metadata
+
+    sampler = Sampler()
+    metadata = sampling_metadata(rows, greedy=False, seed=None)
+    runner = SimpleNamespace(
+        sampler=sampler,
+        rejection_sampler=RejectionSampler(sampler),
+        use_async_scheduling=False,
+        input_batch=SimpleNamespace(
+            sampling_metadata=metadata, update_async_output_token_ids=lambda: None
+        ),
+        _get_spec_decode_draft_probs=lambda spec: None,
+    )
+    vllm_sample = getattr(GPUModelRunner._sample, "__wrapped__", GPUModelRunner._sample)
+    generator = torch.Generator().manual_seed(rows)
+    logits = (torch.randn(rows + 1, vocab, generator=generator) * 3).to(torch.bfloat16)
+    no_drafts = spec_decode_metadata([[] for _ in range(rows)])
+    one_draft = spec_decode_metadata([[7]] + [[] for _ in range(rows - 1)])
+    return {
+        "plain": median_seconds(lambda: sampler(logits[:rows], metadata), repeats),
+        "rejection_no_draft": median_seconds(
+            lambda: vllm_sample(runner, logits[:rows], no_drafts), repeats
+        ),
+        "fixed_no_draft": median_seconds(
+            lambda: vllm_plugin.sample_without_drafts(runner, logits[:rows], no_drafts), repeats
+        ),
+        "rejection_one_draft": median_seconds(
+            lambda: vllm_sample(runner, logits, one_draft), repeats
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", default="16,64,128,256")
+    parser.add_argument("--vocab", type=int, default=DEFAULT_VOCAB)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--output", type=Path, default=None, help="JSON to write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--batch-sizes={args.batch_sizes!r} must be comma-separated integers")
+    if not batch_sizes or min(batch_sizes) < 1 or args.vocab < 8 or args.repeats < 1:
+        parser.error("batch sizes must be >= 1, --vocab >= 8 and --repeats >= 1")
+
+    from das import vllm_plugin
+    from das.vllm_sampling_inputs import register_cpu_kernels
+
+    register_cpu_kernels()
+    if not vllm_plugin.register():
+        logger.error("das.vllm_plugin refused this vLLM: %s", vllm_plugin.refusal())
+        return 1
+    results = {}
+    for rows in batch_sizes:
+        results[rows] = measure_batch(rows, args.vocab, args.repeats)
+        logger.info(
+            "B=%4d  " + "  ".join(f"{name} %.2f ms" for name in results[rows]),
+            rows,
+            *(1e3 * value for value in results[rows].values()),
+        )
+    extra = np.array([results[b]["rejection_one_draft"] - results[b]["plain"] for b in batch_sizes])
+    slope, intercept = np.polyfit(batch_sizes, extra, 1) if len(batch_sizes) > 1 else (0.0, 0.0)
+    logger.info(
+        "first draft of a step: %.2f ms + %.1f us per request (c_spec_request)",
+        1e3 * intercept,
+        1e6 * slope,
+    )
+    report = {
+        "command": " ".join(
+            ["python", "scripts/measure_verify_overhead.py", *map(shlex.quote, sys.argv[1:])]
+        ),
+        "machine": {"platform": platform.platform(), "processor": platform.processor()},
+        "vocab": args.vocab,
+        "repeats": args.repeats,
+        "seconds": {str(b): results[b] for b in batch_sizes},
+        "fitted": {"c_spec_request": float(slope), "first_draft_intercept_s": float(intercept)},
+    }
+    if args.output is not None:
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        logger.info("wrote %s", args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -202,6 +202,11 @@ class StepMeasurement:
     # policy), and the engine's fitted step cost model at the step's end.
     propose_s: float | None = None
     cost_model: dict[str, float] | None = None
+    # CPU seconds of the engine's processes (and this one) during the step, and of everything
+    # else on the machine (das.engine_cpu): a slow step with less engine CPU than wall x cores
+    # was starved, not busier.
+    engine_cpu_s: float | None = None
+    other_cpu_s: float | None = None
 
     @property
     def mean_accepted_len(self) -> float:
@@ -339,11 +344,13 @@ class MethodSession:
     """
 
     def __init__(self, method: str, workload: LiveWorkload, prompts: Sequence[Prompt]) -> None:
+        from das.engine_cpu import EngineCpuClock, child_pids
         from das.vllm_engine import make_llm
 
         kwargs = engine_kwargs_for(method, workload.num_speculative_tokens)
         self.workload, self.prompts = workload, prompts
         self.run = MethodRun(method=method, engine_kwargs=kwargs)
+        children_before = child_pids()
         started = time.perf_counter()
         self.llm: Any = make_llm(
             workload.model,
@@ -355,6 +362,7 @@ class MethodSession:
             **kwargs,
         )
         self.run.startup_s = time.perf_counter() - started
+        self.cpu_clock = EngineCpuClock.started_since(children_before)
         self.counters = attach_counters(self.llm)
         self.prompt_tokens: list[list[int]] = []
         self._propose_s = 0.0  # DAS's cumulative propose time at the last reading
@@ -384,6 +392,7 @@ class MethodSession:
     def _step(self, step: int, progress: bool) -> None:
         workload = self.workload
         bar = progress_bar_factory(step, workload.num_steps) if progress else False
+        cpu_before = self.cpu_clock.read()
         outputs, wall_s, delta = _generate_step(
             self.llm,
             self.counters,
@@ -398,12 +407,14 @@ class MethodSession:
             keyed_base_seed=workload.seed if workload.keyed else None,
         )
         measured = _measure(step, outputs, wall_s, delta)
+        measured.engine_cpu_s, measured.other_cpu_s = cpu_before.until(self.cpu_clock.read())
         if self.run.method.startswith("das"):
             self._add_drafter_readings(measured)
         self.run.steps.append(measured)
         logger.info(
             "%s step %d/%d: %.1f s, %d iterations, %d tokens (%.0f tok/s), "
-            "accepted len %.2f, mean response %.0f tokens, %.0f%% truncated",
+            "accepted len %.2f, mean response %.0f tokens, %.0f%% truncated; "
+            "CPU s: engine %.0f, everything else %.0f",
             self.run.method,
             step + 1,
             workload.num_steps,
@@ -414,6 +425,8 @@ class MethodSession:
             measured.mean_accepted_len,
             measured.mean_response_len,
             100 * measured.share_truncated,
+            measured.engine_cpu_s,
+            measured.other_cpu_s,
         )
 
     def _add_drafter_readings(self, measured: StepMeasurement) -> None:

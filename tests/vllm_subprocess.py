@@ -3,6 +3,7 @@ be registered before the code under test is imported)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -25,3 +26,11 @@ def run_vllm_cpu_script(script: str) -> list[str]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip().splitlines()
+
+
+def is_vllm_cpu(version: str) -> bool:
+    """Whether the installed vLLM is the ``vllm-cpu`` package at ``version``."""
+    try:
+        return importlib.metadata.version("vllm-cpu") == version
+    except importlib.metadata.PackageNotFoundError:
+        return False

@@ -98,9 +98,7 @@ def default_cost_prior(on_cpu: bool) -> StepCostModel:
     # verifies any (measured). The online fit replaces both once its window holds steps with
     # and without drafts: with fix 6 of das.vllm_plugin a step without drafts samples as a
     # plain engine does, so only steps with drafts pay the per-request cost.
-    return dataclasses.replace(
-        prior, c_draft=CPU_DRAFT_COST, c_spec_request=CPU_SPEC_REQUEST_COST
-    )
+    return dataclasses.replace(prior, c_draft=CPU_DRAFT_COST, c_spec_request=CPU_SPEC_REQUEST_COST)
 
 
 def build_drafter(config: DASConfig, prior: StepCostModel) -> tuple[DASDrafter, Any]:

@@ -24,7 +24,8 @@ to ``none`` is the machine's own noise)::
         --methods none,none_repeat,das_policy --json benchmarks/results/rollout_cpu_keyed_aa.json
 
 (``rollout_cpu_keyed_aa_rerun.json`` is the last command again, after fix 6 of
-``das.vllm_plugin`` and the verify-cost prior.) Each step also records the CPU seconds of the
+``das.vllm_plugin`` and the verify-cost prior; ``rollout_cpu_t10_keyed_aa.json`` is it with
+``--temperature 1.0``.) Each step also records the CPU seconds of the
 engine's processes and of everything else: keep the machine otherwise idle while it runs.
 
 Four engines of 2 GiB KV cache each fit a 24 GiB machine; four of 4 GiB did not (the kernel

@@ -10,13 +10,10 @@ process: idle engines, the OS, a profiler someone attached).
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
 import psutil
-
-logger = logging.getLogger(__name__)
 
 
 def child_pids() -> set[int]:

@@ -7,6 +7,8 @@ point's tests and ``scripts/measure_verify_overhead.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -65,6 +67,31 @@ def sampling_metadata(
         logitsprocs=LogitsProcessors(),
         spec_token_ids=[[] for _ in range(rows)],
     )
+
+
+def stand_in_runner(metadata: Any) -> SimpleNamespace:
+    """What ``GPUModelRunner._sample`` reads of its runner, around a real ``Sampler`` and
+    ``RejectionSampler`` (no draft probabilities, synchronous scheduling) and ``metadata``."""
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.sample.sampler import Sampler
+
+    sampler = Sampler()
+    return SimpleNamespace(
+        sampler=sampler,
+        rejection_sampler=RejectionSampler(sampler),
+        use_async_scheduling=False,
+        input_batch=SimpleNamespace(
+            sampling_metadata=metadata, update_async_output_token_ids=lambda: None
+        ),
+        _get_spec_decode_draft_probs=lambda spec: None,
+    )
+
+
+def vllm_runner_sample() -> Callable[[Any, Any, Any], Any]:
+    """vLLM's own ``GPUModelRunner._sample``, without DAS's fix 6 if it is applied."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return getattr(GPUModelRunner._sample, "__wrapped__", GPUModelRunner._sample)
 
 
 def register_cpu_kernels() -> None:

@@ -29,7 +29,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -50,25 +49,19 @@ def median_seconds(action: Callable[[], object], repeats: int) -> float:
 
 def measure_batch(rows: int, vocab: int, repeats: int) -> dict[str, float]:
     import torch
-    from vllm.v1.sample.rejection_sampler import RejectionSampler
-    from vllm.v1.sample.sampler import Sampler
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from das import vllm_plugin
-    from das.vllm_sampling_inputs import sampling_metadata, spec_decode_metadata
-
-    sampler = Sampler()
-    metadata = sampling_metadata(rows, greedy=False, seed=None)
-    runner = SimpleNamespace(
-        sampler=sampler,
-        rejection_sampler=RejectionSampler(sampler),
-        use_async_scheduling=False,
-        input_batch=SimpleNamespace(
-            sampling_metadata=metadata, update_async_output_token_ids=lambda: None
-        ),
-        _get_spec_decode_draft_probs=lambda spec: None,
+    from das.vllm_sampling_inputs import (
+        sampling_metadata,
+        spec_decode_metadata,
+        stand_in_runner,
+        vllm_runner_sample,
     )
-    vllm_sample = getattr(GPUModelRunner._sample, "__wrapped__", GPUModelRunner._sample)
+
+    metadata = sampling_metadata(rows, greedy=False, seed=None)
+    runner = stand_in_runner(metadata)
+    sampler = runner.sampler
+    vllm_sample = vllm_runner_sample()
     generator = torch.Generator().manual_seed(rows)
     logits = (torch.randn(rows + 1, vocab, generator=generator) * 3).to(torch.bfloat16)
     no_drafts = spec_decode_metadata([[] for _ in range(rows)])

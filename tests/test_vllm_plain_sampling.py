@@ -28,30 +28,25 @@ pytestmark = pytest.mark.skipif(
 
 SCRIPT = """
 import json
-from types import SimpleNamespace
 import torch
-from das.vllm_sampling_inputs import register_cpu_kernels, sampling_metadata, spec_decode_metadata
+from das.vllm_sampling_inputs import (
+    register_cpu_kernels, sampling_metadata, spec_decode_metadata, stand_in_runner,
+    vllm_runner_sample)
 register_cpu_kernels()
-from vllm.v1.sample.rejection_sampler import RejectionSampler
-from vllm.v1.sample.sampler import Sampler
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from das import vllm_plugin
 
 VOCAB = 512
-vllm_sample = GPUModelRunner._sample  # before the patch
+vllm_sample = vllm_runner_sample()  # before the patch
 
 
-def runner(metadata):
-    sampler = Sampler()
+def runner(metadata):  # a stand-in runner that counts its rejection sampler's calls
+    stand_in = stand_in_runner(metadata)
     calls = []
-    rejection = RejectionSampler(sampler)
-    forward = rejection.forward
-    rejection.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
-    return SimpleNamespace(
-        sampler=sampler, rejection_sampler=rejection, use_async_scheduling=False,
-        input_batch=SimpleNamespace(
-            sampling_metadata=metadata, update_async_output_token_ids=lambda: None),
-        _get_spec_decode_draft_probs=lambda spec: None, calls=calls)
+    forward = stand_in.rejection_sampler.forward
+    stand_in.rejection_sampler.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    stand_in.calls = calls
+    return stand_in
 
 
 def tokens(output):

@@ -202,6 +202,12 @@ class StepMeasurement:
     # policy), and the engine's fitted step cost model at the step's end.
     propose_s: float | None = None
     cost_model: dict[str, float] | None = None
+    # DAS methods only: engine steps that verified any draft, and the requests of those steps
+    # (what vLLM's verify path costs per request), and the step's own observations of the
+    # online cost fit (engine steps: tokens, KV tokens read, seconds, draft tokens).
+    spec_steps: int | None = None
+    spec_step_requests: int | None = None
+    cost_observations: dict[str, list[float]] | None = None
     # CPU seconds of the engine's processes (and this one) during the step, and of everything
     # else on the machine (das.engine_cpu): a slow step with less engine CPU than wall x cores
     # was starved, not busier.
@@ -365,7 +371,8 @@ class MethodSession:
         self.cpu_clock = EngineCpuClock.started_since(children_before)
         self.counters = attach_counters(self.llm)
         self.prompt_tokens: list[list[int]] = []
-        self._propose_s = 0.0  # DAS's cumulative propose time at the last reading
+        # DAS's cumulative counters at the last reading (propose_s, num_spec_steps, ...).
+        self._das_totals: dict[str, float] = {}
         self._guarded(self._tokenize)
 
     def _tokenize(self) -> None:
@@ -436,10 +443,23 @@ class MethodSession:
         if not workers:
             logger.warning("%s: no DAS counters after step %d", self.run.method, measured.step)
             return
-        propose_s = sum(float(w.get("propose_s", 0.0)) for w in workers)
-        measured.propose_s = propose_s - self._propose_s
-        self._propose_s = propose_s
+        delta = {}
+        for counter in (
+            "propose_s",
+            "num_spec_steps",
+            "num_spec_step_requests",
+            "num_cost_observations",
+        ):
+            total = sum(w.get(counter) or 0 for w in workers)
+            delta[counter] = total - self._das_totals.get(counter, 0)
+            self._das_totals[counter] = total
+        measured.propose_s = float(delta["propose_s"])
+        measured.spec_steps = int(delta["num_spec_steps"])
+        measured.spec_step_requests = int(delta["num_spec_step_requests"])
         measured.cost_model = workers[0].get("cost_model")
+        measured.cost_observations = step_cost_observations(
+            workers[0].get("cost_window"), int(delta["num_cost_observations"])
+        )
 
     def finish(self) -> None:
         """Run the greedy identity probe and read DAS's counters."""
@@ -578,6 +598,16 @@ def summarize(runs: dict[str, MethodRun], compare_steps: Sequence[int]) -> dict[
             ]
         summary[name] = entry
     return summary
+
+
+def step_cost_observations(
+    window: dict[str, list[float]] | None, num_new: int
+) -> dict[str, list[float]] | None:
+    """The last ``num_new`` observations of a cost-fit window (those of the step just run; fewer
+    if the window is shorter than the step)."""
+    if not window or num_new <= 0:
+        return None
+    return {name: list(values[-num_new:]) for name, values in window.items()}
 
 
 def run_comparison(

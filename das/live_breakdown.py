@@ -4,7 +4,8 @@ A live step's wall time is modelled, with the speculative engine's own online fi
 cost (:class:`policies.cost_model.StepCostModel`: ``c_base`` per iteration, ``c_tok`` per
 processed token, ``c_draft`` more per verified draft token), as::
 
-    wall ~ iterations * c_base + processed_tokens * c_tok + draft_tokens * c_draft + propose_s
+    wall ~ iterations * c_base + processed_tokens * c_tok + draft_tokens * c_draft
+           + spec_step_requests * c_spec_request + propose_s
 
 where a speculative engine processes its output tokens plus every rejected draft token. The
 difference between a DAS step and the no-speculation engine's step then splits into:
@@ -12,6 +13,8 @@ difference between a DAS step and the no-speculation engine's step then splits i
 * ``iterations_s``: ``c_base`` times the change in iterations (negative: what drafting saved);
 * ``rejected_drafts_s``: ``c_tok`` per rejected draft token (verified for nothing);
 * ``draft_overhead_s``: ``c_draft`` per draft token (what verifying a draft costs beyond a token);
+* ``verify_requests_s``: ``c_spec_request`` per request of every engine step that verified any
+  draft (vLLM's verify path samples the whole batch, not only the drafted rows);
 * ``propose_s``: DAS's measured time inside ``propose`` (drafting, bookkeeping, policy);
 * ``text_length_s``: ``c_tok`` times the change in output tokens (0 when both engines sampled
   the same rollouts, as with position-keyed sampling);
@@ -41,6 +44,7 @@ class MeasuredStep(Protocol):
     draft_tokens: int
     accepted_tokens: int
     propose_s: float | None
+    spec_step_requests: int | None
     cost_model: Mapping[str, float] | None
 
 
@@ -53,12 +57,14 @@ class StepTimeBreakdown:
     iterations_s: float
     rejected_drafts_s: float
     draft_overhead_s: float
+    verify_requests_s: float
     propose_s: float
     text_length_s: float
     residual_s: float
     c_base: float
     c_tok: float
     c_draft: float
+    c_spec_request: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,19 +87,30 @@ def time_breakdown(candidate: MeasuredStep, baseline: MeasuredStep) -> StepTimeB
     iterations_s = c_base * (candidate.decode_iterations - baseline.decode_iterations)
     rejected_drafts_s = c_tok * (candidate.draft_tokens - candidate.accepted_tokens)
     draft_overhead_s = c_draft * candidate.draft_tokens
+    c_spec_request = float(cost.get("c_spec_request", 0.0))
+    verify_requests_s = c_spec_request * (candidate.spec_step_requests or 0)
     propose_s = float(candidate.propose_s or 0.0)
     text_length_s = c_tok * (candidate.output_tokens - baseline.output_tokens)
-    explained = iterations_s + rejected_drafts_s + draft_overhead_s + propose_s + text_length_s
+    explained = (
+        iterations_s
+        + rejected_drafts_s
+        + draft_overhead_s
+        + verify_requests_s
+        + propose_s
+        + text_length_s
+    )
     return StepTimeBreakdown(
         step=candidate.step,
         wall_delta_s=delta,
         iterations_s=iterations_s,
         rejected_drafts_s=rejected_drafts_s,
         draft_overhead_s=draft_overhead_s,
+        verify_requests_s=verify_requests_s,
         propose_s=propose_s,
         text_length_s=text_length_s,
         residual_s=delta - explained,
         c_base=c_base,
         c_tok=c_tok,
         c_draft=c_draft,
+        c_spec_request=c_spec_request,
     )

@@ -101,6 +101,7 @@ BREAKDOWN_PARTS = (
     ("iterations_s", "iters"),
     ("rejected_drafts_s", "rejected"),
     ("draft_overhead_s", "draft ovh"),
+    ("verify_requests_s", "verify req"),
     ("propose_s", "propose"),
     ("text_length_s", "text len"),
     ("residual_s", "residual"),

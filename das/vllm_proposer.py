@@ -185,6 +185,10 @@ class DASProposer:
         self._step_tokens = 0
         self._step_attended: int | None = None  # KV tokens read; None for a step with prefill
         self._step_drafts = 0  # draft tokens the step verified
+        # Steps that verified any draft, and their requests: vLLM's verify path costs per
+        # request of such a step (``StepCostModel.c_spec_request``), drafts or not.
+        self.num_spec_steps = 0
+        self.num_spec_step_requests = 0
         self._resync = False
         self.num_finished = 0
         self.num_aborted = 0
@@ -216,11 +220,14 @@ class DASProposer:
             if scheduler_output.total_num_scheduled_tokens:
                 self._steps_since_propose += 1
                 self._step_tokens = int(scheduler_output.total_num_scheduled_tokens)
-                if self.cost_fitter is not None:  # only the cost fit reads these
+                self._step_drafts = sum(
+                    len(d) for d in scheduler_output.scheduled_spec_decode_tokens.values()
+                )
+                if self._step_drafts:
+                    self.num_spec_steps += 1
+                    self.num_spec_step_requests += len(scheduler_output.num_scheduled_tokens)
+                if self.cost_fitter is not None:  # only the cost fit reads this
                     self._step_attended = decode_step_attended_tokens(runner, scheduler_output)
-                    self._step_drafts = sum(
-                        len(d) for d in scheduler_output.scheduled_spec_decode_tokens.values()
-                    )
         except Exception:
             self._fail("das_on_schedule")
 
@@ -440,6 +447,8 @@ class DASProposer:
             "num_drafter_failures": drafter_stats.num_failures,
             "num_proposer_failures": self.num_failures,
             "propose_s": self.propose_s,
+            "num_spec_steps": self.num_spec_steps,
+            "num_spec_step_requests": self.num_spec_step_requests,
             "num_finished": self.num_finished,
             "num_aborted": self.num_aborted,
             "disabled": self.disabled,

@@ -152,39 +152,49 @@ def parse_cost_spec(spec: str) -> StepCostModel:
 def _nnls_small(design: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact non-negative least squares for a stack of small problems.
 
-    ``design`` has shape (K, n, p) with p <= 4, ``targets`` shape (n,). The optimum of a
+    ``design`` has shape (K, n, p) with p <= 6, ``targets`` shape (n,). The optimum of a
     non-negative least-squares problem is the unconstrained least-squares solution on some
     support set whose coefficients are all >= 0; every such candidate is feasible, so the
     feasible candidate with the smallest error over all 2**p supports is the optimum. Each
     candidate solves its normal equations (columns are pre-scaled to [0, 1], so the small Gram
-    matrices are well conditioned; ``pinv`` copes with the singular ones), and its error is
-    computed from the residuals, not from the normal equations, to avoid cancellation.
+    matrices are well conditioned; ``pinv`` copes with the singular ones) and is ranked by its
+    error computed from the Gram matrix, which costs O(p**2) per candidate instead of O(n).
+    The winner's error is then recomputed from its residuals, which avoids the cancellation
+    of the Gram form where callers compare errors across problems.
 
     Returns:
         (coefficients of shape (K, p), squared errors of shape (K,)).
     """
     num_problems, _, num_columns = design.shape
-    gram = np.einsum("knp,knq->kpq", design, design)
-    moments = np.einsum("knp,n->kp", design, targets)
+    transposed = design.transpose(0, 2, 1)
+    gram = transposed @ design  # (K, p, p); matmul, not einsum: BLAS does the n-long sums
+    moments = transposed @ targets
+    total = float(targets @ targets)
     best_coef = np.zeros((num_problems, num_columns))
-    best_sse = np.full(num_problems, float(targets @ targets))  # the empty support
+    best_sse = np.full(num_problems, total)  # the empty support
     for size in range(1, num_columns + 1):
         for support in itertools.combinations(range(num_columns), size):
             index = list(support)
             sub_gram = gram[:, index][:, :, index]
-            coef = np.einsum("kst,kt->ks", np.linalg.pinv(sub_gram), moments[:, index])
+            sub_moments = moments[:, index]
+            coef = np.einsum("kst,kt->ks", np.linalg.pinv(sub_gram), sub_moments)
             feasible = np.all(coef >= 0.0, axis=1)
             if not feasible.any():
                 continue
-            residual = targets - np.einsum("kns,ks->kn", design[:, :, index], coef)
-            sse = np.einsum("kn,kn->k", residual, residual)
+            # ||y - X b||^2 = y.y - 2 b.(X'y) + b'(X'X) b
+            sse = (
+                total
+                - 2.0 * np.einsum("ks,ks->k", coef, sub_moments)
+                + np.einsum("ks,kst,kt->k", coef, sub_gram, coef)
+            )
             better = feasible & (sse < best_sse)
             if better.any():
                 best_sse = np.where(better, sse, best_sse)
                 full = np.zeros((num_problems, num_columns))
                 full[:, index] = coef
                 best_coef = np.where(better[:, None], full, best_coef)
-    return best_coef, best_sse
+    residual = targets[None, :] - (design @ best_coef[:, :, None])[:, :, 0]
+    return best_coef, np.einsum("kn,kn->k", residual, residual)
 
 
 def _solve_least_squares(design: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -339,9 +349,15 @@ def fit_step_cost(
 class OnlineCostFitter:
     """Refits a :class:`StepCostModel` from the steps an engine reports.
 
-    Keeps the last ``window`` observations. The model is ``prior`` until the window holds at
-    least ``min_distinct_tokens`` distinct token counts (fewer cannot place a slope, let alone a
-    knee); from then on it is refitted at once and again every ``refit_every`` observations.
+    Keeps the last ``window`` observations. The default window spans several whole RL steps
+    (a step of 256 requests and 512 tokens is about 500 engine steps): within one step the
+    batch shrinks from full to a few requests, so a window shorter than a step holds only its
+    small-batch tail, and the fit then extrapolates to full batches (measured: a 256-step
+    window gave fits whose c_base ranged 0-130 ms from one RL step to the next).
+
+    The model is ``prior`` until the window holds at least ``min_distinct_tokens`` distinct
+    token counts (fewer cannot place a slope, let alone a knee); from then on it is refitted
+    at once and again every ``refit_every`` observations.
 
     Args:
         prior: the model to use before there is enough data (e.g. a named profile).
@@ -365,8 +381,8 @@ class OnlineCostFitter:
         self,
         prior: StepCostModel,
         *,
-        window: int = 256,
-        refit_every: int = 32,
+        window: int = 2048,
+        refit_every: int = 64,
         min_distinct_tokens: int = 4,
         linear_only: bool = False,
         fit_context: bool = True,

@@ -472,3 +472,31 @@ def test_online_fit_needs_enough_draft_steps_to_price_drafts() -> None:
     assert fitter.model.c_draft == prior.c_draft
     with pytest.raises(ValueError, match="min_draft_steps=0"):
         OnlineCostFitter(prior, min_draft_steps=0)
+
+
+def _shrinking_batch_steps(rng: np.random.Generator, truth: StepCostModel, num_steps: int):
+    """Engine steps of RL steps: 256 requests whose batch shrinks as they finish, with 15%
+    log-normal noise on each step's time."""
+    for _ in range(num_steps):
+        lengths = np.minimum(rng.exponential(200, 256).astype(int) + 20, 512)
+        for position in range(int(lengths.max())):
+            running = int((lengths > position).sum())
+            context = running * (100 + position)
+            yield running, context, truth.step_time(running, context) * rng.lognormal(0, 0.15)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_default_window_spans_whole_rl_steps_and_predicts_full_batches(seed) -> None:
+    truth = StepCostModel(c_base=0.05, c_tok=1e-3, c_ctx=2e-7)
+    full_batch = (256, 256 * 300)
+    errors = {}
+    for window in (256, None):  # 256: a window shorter than one RL step
+        fitter = OnlineCostFitter(StepCostModel(0.1, 0.0), **({"window": window} if window else {}))
+        for running, context, seconds in _shrinking_batch_steps(
+            np.random.default_rng(seed), truth, 3
+        ):
+            fitter.observe(running, context, seconds)
+        errors[window] = fitter.model.step_time(*full_batch) / truth.step_time(*full_batch) - 1
+    assert abs(errors[None]) < 0.08
+    # The short window holds only the last step's small-batch tail and extrapolates badly.
+    assert abs(errors[256]) > 0.25

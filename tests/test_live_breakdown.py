@@ -10,7 +10,7 @@ from das.live_bench import MethodRun, StepMeasurement, engine_kwargs_for, summar
 from das.live_breakdown import time_breakdown
 from das.live_report import format_table
 
-COST = {"c_base": 0.04, "c_tok": 0.001, "c_draft": 0.0002}
+COST = {"c_base": 0.04, "c_tok": 0.001, "c_draft": 0.0002, "c_spec_request": 0.0001}
 
 
 def measured(step: int, wall_s: float, iterations: int, tokens: int, **extra) -> StepMeasurement:
@@ -29,12 +29,20 @@ def measured(step: int, wall_s: float, iterations: int, tokens: int, **extra) ->
     )
 
 
-def modelled_wall(iterations: int, tokens: int, drafts: int, accepted: int, propose_s: float):
+def modelled_wall(
+    iterations: int,
+    tokens: int,
+    drafts: int,
+    accepted: int,
+    propose_s: float,
+    spec_step_requests: int = 0,
+):
     processed = tokens + drafts - accepted
     return (
         iterations * COST["c_base"]
         + processed * COST["c_tok"]
         + drafts * COST["c_draft"]
+        + spec_step_requests * COST["c_spec_request"]
         + propose_s
     )
 
@@ -43,18 +51,20 @@ def test_a_step_that_follows_the_cost_model_is_explained_part_by_part() -> None:
     base = measured(1, modelled_wall(500, 4000, 0, 0, 0.0), 500, 4000)
     das = measured(
         1,
-        modelled_wall(400, 4100, 3000, 1000, 2.5),
+        modelled_wall(400, 4100, 3000, 1000, 2.5, spec_step_requests=6000),
         400,
         4100,
         draft_tokens=3000,
         accepted_tokens=1000,
         propose_s=2.5,
+        spec_step_requests=6000,
         cost_model=COST,
     )
     parts = time_breakdown(das, base)
     assert parts.iterations_s == pytest.approx(-100 * 0.04)
     assert parts.rejected_drafts_s == pytest.approx(2000 * 0.001)
     assert parts.draft_overhead_s == pytest.approx(3000 * 0.0002)
+    assert parts.verify_requests_s == pytest.approx(6000 * 0.0001)
     assert parts.propose_s == pytest.approx(2.5)
     assert parts.text_length_s == pytest.approx(100 * 0.001)
     assert parts.residual_s == pytest.approx(0.0, abs=1e-9)
@@ -106,3 +116,16 @@ def _workload():
     from das.live_bench import LiveWorkload
 
     return LiveWorkload(num_prompts=1, num_samples=8, num_steps=2)
+
+
+def test_a_step_keeps_only_its_own_cost_observations() -> None:
+    from das.live_bench import step_cost_observations
+
+    window = {"num_tokens": [1.0, 2.0, 3.0, 4.0], "seconds": [0.1, 0.2, 0.3, 0.4]}
+    assert step_cost_observations(window, 3) == {
+        "num_tokens": [2.0, 3.0, 4.0],
+        "seconds": [0.2, 0.3, 0.4],
+    }
+    assert step_cost_observations(window, 10)["seconds"] == [0.1, 0.2, 0.3, 0.4]
+    assert step_cost_observations(window, 0) is None
+    assert step_cost_observations(None, 5) is None

@@ -59,6 +59,8 @@ class FakeEngine:
         self.finished: list[str] = []
         self.outputs: dict[str, list[int]] = {}
         self.num_accepted = 0
+        self.spec_steps = 0  # steps that scheduled any draft, and their requests
+        self.spec_step_requests = 0
 
     def add(
         self,
@@ -105,6 +107,9 @@ class FakeEngine:
             num_scheduled_tokens=per_request,
             scheduled_spec_decode_tokens={rid: self.drafts.get(rid, []) for rid in running},
         )
+        if any(self.drafts.get(rid) for rid in running):
+            self.spec_steps += 1
+            self.spec_step_requests += len(running)
         self.proposer.das_on_schedule(self, self.last_schedule)
         for rid in finished:
             self.requests.pop(rid, None)
@@ -289,6 +294,9 @@ def test_cost_model_policy_observes_step_times() -> None:
         run_step(engine, name)
     stats = proposer.stats()
     assert stats["num_cost_observations"] > 10
+    # Steps that verified drafts, and their requests, as the fake engine scheduled them.
+    assert stats["num_spec_steps"] == engine.spec_steps > 0
+    assert stats["num_spec_step_requests"] == engine.spec_step_requests > engine.spec_steps
     # The fake engine charges 10 ms per token; a draft token's price is c_tok + c_draft (with a
     # constant number of requests, the fit cannot tell the two apart, and need not).
     cost = stats["cost_model"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from das.live_bench import COMPARED_METHODS, LIVE_METHOD_HELP, LIVE_METHODS, LiveWorkload
 
@@ -66,10 +68,37 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         help="start every engine first and run each step on all of them in turn (robust to a "
         "machine whose speed drifts; holds every engine's KV cache at once)",
     )
+    parser.add_argument(
+        "--das-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a DAS config key for the DAS methods' engines (repeatable; VALUE is JSON, e.g. "
+        "max_draft_batch=16, calibrate=false, or a bare string)",
+    )
     parser.add_argument("--json", type=Path, help="write results here (after every step)")
     parser.add_argument("--plot", type=Path, help="write a PNG of per-step time and iterations")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
+
+
+def parse_das_options(items: list[str]) -> tuple[tuple[str, Any], ...]:
+    """``["key=value", ...]`` as (key, value) pairs; a value is read as JSON when it parses.
+
+    Raises:
+        ValueError: naming an item without ``=`` or with an empty key.
+    """
+    options = []
+    for item in items:
+        key, separator, text = item.partition("=")
+        if not separator or not key.strip():
+            raise ValueError(f"--das-option {item!r} must be KEY=VALUE")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        options.append((key.strip(), value))
+    return tuple(options)
 
 
 def run_run(args: argparse.Namespace) -> int:
@@ -101,6 +130,7 @@ def run_run(args: argparse.Namespace) -> int:
             probe_prompts=args.probe_prompts,
             probe_tokens=args.probe_tokens,
             keyed=args.keyed,
+            das_options=parse_das_options(args.das_option),
         )
     except ValueError as error:
         raise SystemExit(f"das-rollout run: {error}") from error

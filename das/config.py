@@ -32,6 +32,12 @@ class DASConfig:
             text draft little, where the tree's count ratios are least trustworthy.
         calibrate: scale each source's draft probabilities by its observed acceptance
             (accepted / expected tokens over recent drafts) before choosing sources and budgets.
+        max_draft_batch: draft only for batches of at most this many requests (``None``: any
+            size). An RL step lasts until its slowest request finishes; in a large batch most
+            accepted tokens belong to requests that would not have ended the step, so they save
+            little, while verifying them costs the whole batch a slower step. On a machine
+            where a step's cost grows from the first token (a CPU), the step's small-batch tail
+            is where drafting shortens it.
     """
 
     num_speculative_tokens: int = 16
@@ -45,12 +51,16 @@ class DASConfig:
     max_history_tokens: int = 50_000_000
     max_spec_factor: float = 1.0
     calibrate: bool = True
+    max_draft_batch: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_speculative_tokens", "max_depth", "window_steps", "max_history_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        cap = self.max_draft_batch
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
+            raise ValueError(f"max_draft_batch={cap!r} must be a positive integer or None")
         if not 0.0 <= float(self.min_token_prob) <= 1.0:
             raise ValueError(f"min_token_prob={self.min_token_prob!r} must be in [0, 1]")
         if not float(self.max_spec_factor) > 0:

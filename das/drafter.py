@@ -366,11 +366,14 @@ class DASDrafter:
     ) -> Proposal:
         """Drafts for a batch: best source per request, cut to the policy's budgets.
 
-        ``max_tokens`` caps each request's draft (default: ``num_speculative_tokens``). Any
-        failure inside the drafter gives empty drafts (no speculation), never a wrong token.
+        ``max_tokens`` caps each request's draft (default: ``num_speculative_tokens``). A batch
+        of more than ``config.max_draft_batch`` requests gets empty drafts without drafting.
+        Any failure inside the drafter gives empty drafts (no speculation), never a wrong token.
         """
         rows = len(request_ids)
         k = self.config.num_speculative_tokens
+        if self.config.max_draft_batch is not None and rows > self.config.max_draft_batch:
+            return _empty_proposal(rows, k)
         caps = (
             np.full(rows, k, np.int64)
             if max_tokens is None

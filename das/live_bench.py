@@ -21,12 +21,13 @@ import gc
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from das.config import DASConfig
 from das.live_breakdown import time_breakdown
 from das.record import gsm8k_prompt_token_ids, progress_bar_factory
 from das.vllm_api import WORKER_EXTENSION, das_speculative_config
@@ -70,6 +71,8 @@ class LiveWorkload:
     probe_prompts: int = 8
     probe_tokens: int = 128
     keyed: bool = False  # position-keyed sampling: every method samples the same rollouts
+    # DAS config keys set on the DAS methods' engines (das.config.DASConfig), as (key, value).
+    das_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "num_samples", "num_steps", "max_tokens"):
@@ -84,14 +87,19 @@ class LiveWorkload:
             raise ValueError(f"temperature={self.temperature!r} must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if self.das_options:  # unknown keys or bad values fail here, before any engine starts
+            DASConfig.from_dict(dict(self.das_options))
 
     @property
     def num_requests(self) -> int:
         return self.num_prompts * self.num_samples
 
 
-def engine_kwargs_for(method: str, num_speculative_tokens: int) -> dict[str, Any]:
-    """The vLLM engine arguments that select ``method``; everything else is shared."""
+def engine_kwargs_for(
+    method: str, num_speculative_tokens: int, das_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The vLLM engine arguments that select ``method``; everything else is shared.
+    ``das_options`` are DAS config keys for the DAS methods (the method sets ``policy``)."""
     k = num_speculative_tokens
     if method in ("none", "none_repeat"):
         return {}
@@ -105,7 +113,9 @@ def engine_kwargs_for(method: str, num_speculative_tokens: int) -> dict[str, Any
     if method in ("das_fixed", "das_policy"):
         policy = "fixed" if method == "das_fixed" else "cost_model"
         return {
-            **das_speculative_config({"policy": policy}, num_speculative_tokens=k),
+            **das_speculative_config(
+                {**(das_options or {}), "policy": policy}, num_speculative_tokens=k
+            ),
             "worker_extension_cls": WORKER_EXTENSION,
         }
     raise ValueError(f"method={method!r} must be one of {LIVE_METHODS}")
@@ -353,7 +363,9 @@ class MethodSession:
         from das.engine_cpu import EngineCpuClock, child_pids
         from das.vllm_engine import make_llm
 
-        kwargs = engine_kwargs_for(method, workload.num_speculative_tokens)
+        kwargs = engine_kwargs_for(
+            method, workload.num_speculative_tokens, dict(workload.das_options)
+        )
         self.workload, self.prompts = workload, prompts
         self.run = MethodRun(method=method, engine_kwargs=kwargs)
         children_before = child_pids()

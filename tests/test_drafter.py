@@ -42,6 +42,19 @@ def test_history_of_the_same_prompt_drafts_the_next_step():
     assert proposal.sources[1] == -1
 
 
+def test_batches_larger_than_max_draft_batch_get_no_drafts():
+    drafter = DASDrafter(prompt_only(num_speculative_tokens=4, max_draft_batch=2))
+    drafter.begin_step(1)
+    run_request(drafter, "r1", PROMPT_A, RESPONSE)
+    drafter.begin_step(2)
+    for rid in "abc":
+        drafter.start_request(rid, PROMPT_A)
+    drafter.extend_many(["a", "b", "c"], [RESPONSE[:5]] * 3)
+    assert drafter.propose(["a", "b", "c"]).draft_tokens() == [[], [], []]
+    # The same requests in a batch within the cap draft from the prompt's history.
+    assert drafter.propose(["a", "b"]).draft_tokens() == [RESPONSE[5:9]] * 2
+
+
 def test_live_sibling_tokens_draft_within_the_same_step():
     drafter = DASDrafter(prompt_only(num_speculative_tokens=3))
     drafter.begin_step(1)
@@ -131,6 +144,8 @@ def test_calibration_learns_that_a_source_is_not_accepted():
         ({"policy": "magic"}, "policy='magic'"),
         ({"min_token_prob": 2.0}, "min_token_prob=2.0"),
         ({"bogus_key": 1}, r"unknown DAS config key\(s\) \['bogus_key'\]"),
+        ({"max_draft_batch": 0}, "max_draft_batch=0"),
+        ({"max_draft_batch": 2.5}, "max_draft_batch=2.5"),
     ],
 )
 def test_config_errors_name_the_key(bad, message):

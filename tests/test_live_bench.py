@@ -61,6 +61,9 @@ def test_engine_kwargs_differ_only_in_speculation() -> None:
     assert fixed["additional_config"]["das"]["policy"] == "fixed"
     assert policy["additional_config"]["das"]["policy"] == "cost_model"
     assert policy["speculative_config"]["num_speculative_tokens"] == 8
+    capped = engine_kwargs_for("das_policy", 8, {"max_draft_batch": 16, "policy": "fixed"})
+    assert capped["additional_config"]["das"]["max_draft_batch"] == 16
+    assert capped["additional_config"]["das"]["policy"] == "cost_model"  # the method's policy
     idle = engine_kwargs_for("spec_idle", 8)["speculative_config"]
     assert idle["method"] == "ngram" and idle["prompt_lookup_min"] == 64
     with pytest.raises(ValueError, match="method='eagle'"):
@@ -247,3 +250,18 @@ def test_keyed_sampling_params_seed_each_rollout_by_prompt_sample_and_step() -> 
     plain = _sampling_params(0.6, 1.0, 16, Prompt(5, "q", None), 2)
     assert plain.seed is None and OPTION not in plain.extra_args
     assert plain.extra_args["das_prompt_key"] == "prompt:5"
+
+
+def test_das_options_are_parsed_as_json_and_checked_before_any_engine_starts() -> None:
+    from das.cli_run import parse_das_options
+    from das.live_bench import LiveWorkload
+
+    options = parse_das_options(["max_draft_batch=16", "calibrate=false", "policy=fixed"])
+    assert options == (("max_draft_batch", 16), ("calibrate", False), ("policy", "fixed"))
+    assert LiveWorkload(das_options=options).das_options == options
+    with pytest.raises(ValueError, match="must be KEY=VALUE"):
+        parse_das_options(["max_draft_batch"])
+    with pytest.raises(ValueError, match="bogus"):
+        LiveWorkload(das_options=(("bogus", 1),))
+    with pytest.raises(ValueError, match="max_draft_batch=-1"):
+        LiveWorkload(das_options=(("max_draft_batch", -1),))

@@ -29,6 +29,7 @@ import numpy as np
 
 from das.config import DASConfig
 from das.live_breakdown import time_breakdown
+from das.machine_probe import probe_seconds
 from das.record import gsm8k_prompt_token_ids, progress_bar_factory
 from das.vllm_api import WORKER_EXTENSION, das_speculative_config
 from rollouts.prompts import Prompt
@@ -223,6 +224,17 @@ class StepMeasurement:
     # was starved, not busier.
     engine_cpu_s: float | None = None
     other_cpu_s: float | None = None
+    # Seconds of a fixed piece of work (das.machine_probe) right before and right after the
+    # step: how fast the machine was. A shared VM's speed drifts by 2-3x within minutes.
+    probe_before_s: float | None = None
+    probe_after_s: float | None = None
+
+    @property
+    def machine_probe_s(self) -> float | None:
+        """Mean of the probes around the step (None if either is missing)."""
+        if self.probe_before_s is None or self.probe_after_s is None:
+            return None
+        return (self.probe_before_s + self.probe_after_s) / 2
 
     @property
     def mean_accepted_len(self) -> float:
@@ -232,6 +244,7 @@ class StepMeasurement:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["mean_accepted_len"] = self.mean_accepted_len
+        data["machine_probe_s"] = self.machine_probe_s
         data["output_tokens_per_s"] = self.output_tokens / self.wall_s if self.wall_s else 0.0
         return data
 
@@ -411,6 +424,7 @@ class MethodSession:
     def _step(self, step: int, progress: bool) -> None:
         workload = self.workload
         bar = progress_bar_factory(step, workload.num_steps) if progress else False
+        probe_before_s = probe_seconds()
         cpu_before = self.cpu_clock.read()
         outputs, wall_s, delta = _generate_step(
             self.llm,
@@ -427,6 +441,7 @@ class MethodSession:
         )
         measured = _measure(step, outputs, wall_s, delta)
         measured.engine_cpu_s, measured.other_cpu_s = cpu_before.until(self.cpu_clock.read())
+        measured.probe_before_s, measured.probe_after_s = probe_before_s, probe_seconds()
         if self.run.method.startswith("das"):
             self._add_drafter_readings(measured)
         self.run.steps.append(measured)
@@ -594,6 +609,9 @@ def summarize(runs: dict[str, MethodRun], compare_steps: Sequence[int]) -> dict[
                 for s, b in zip(run.steps, base.steps, strict=False)
                 if b.wall_s > 0
             ]
+            entry["per_step_wall_vs_none_at_equal_machine_speed"] = [
+                probe_adjusted_ratio(s, b) for s, b in zip(run.steps, base.steps, strict=False)
+            ]
             if any(s.cost_model for s in run.steps):
                 entry["time_breakdown_vs_none"] = [
                     time_breakdown(s, b).to_dict()
@@ -610,6 +628,15 @@ def summarize(runs: dict[str, MethodRun], compare_steps: Sequence[int]) -> dict[
             ]
         summary[name] = entry
     return summary
+
+
+def probe_adjusted_ratio(step: StepMeasurement, baseline: StepMeasurement) -> float | None:
+    """``step.wall_s / baseline.wall_s`` with each wall time divided by its machine probe: the
+    ratio had the machine run both steps at the same speed (None without probes)."""
+    probe, base_probe = step.machine_probe_s, baseline.machine_probe_s
+    if not probe or not base_probe or baseline.wall_s <= 0:
+        return None
+    return (step.wall_s / probe) / (baseline.wall_s / base_probe)
 
 
 def step_cost_observations(

@@ -60,7 +60,7 @@ def format_table(runs: dict[str, MethodRun], workload: LiveWorkload) -> str:
     """Per-step wall time, iterations, tokens/s and accepted length; then steps 2.. vs none."""
     lines = [
         f"{'method':<11} {'step':>4} {'wall s':>8} {'iters':>6} {'tokens':>7} {'tok/s':>7} "
-        f"{'acc len':>7} {'drafted':>8} {'mean len':>8} {'trunc':>6}"
+        f"{'acc len':>7} {'drafted':>8} {'mean len':>8} {'trunc':>6} {'probe s':>7}"
     ]
     for name, run in runs.items():
         for s in run.steps:
@@ -68,7 +68,7 @@ def format_table(runs: dict[str, MethodRun], workload: LiveWorkload) -> str:
                 f"{name:<11} {s.step + 1:>4} {s.wall_s:>8.1f} {s.decode_iterations:>6} "
                 f"{s.output_tokens:>7} {s.output_tokens / s.wall_s:>7.0f} "
                 f"{s.mean_accepted_len:>7.2f} {s.draft_tokens:>8} {s.mean_response_len:>8.0f} "
-                f"{s.share_truncated:>6.0%}"
+                f"{s.share_truncated:>6.0%} {s.machine_probe_s or float('nan'):>7.3f}"
             )
         if run.error:
             lines.append(f"{name:<11} FAILED: {run.error}")
@@ -93,6 +93,17 @@ def format_table(runs: dict[str, MethodRun], workload: LiveWorkload) -> str:
                 else ""
             )
         )
+    adjusted = {
+        name: entry["per_step_wall_vs_none_at_equal_machine_speed"]
+        for name, entry in summary.items()
+        if name != "none" and any(entry.get("per_step_wall_vs_none_at_equal_machine_speed") or [])
+    }
+    if adjusted:
+        lines.append("")
+        lines.append("per step, time against none's at equal machine speed (wall / probe):")
+        for name, ratios in adjusted.items():
+            cells = " ".join("   -" if r is None else f"{r:.2f}" for r in ratios)
+            lines.append(f"  {name:<11} {cells}")
     lines.extend(format_breakdowns(summary))
     return "\n".join(lines)
 

@@ -60,10 +60,13 @@ def build_argv(argv: list[str]) -> list[str]:
     known, rest = parser.parse_known_args(argv)
     preset = PRESETS[known.workload]
     outputs = []
-    if "--json" not in rest:
-        outputs += ["--json", str(RESULTS / f"{preset['stem']}.json")]
-    if "--plot" not in rest:
-        outputs += ["--plot", str(RESULTS / f"{preset['stem']}.png")]
+    json_path = RESULTS / f"{preset['stem']}.json"
+    if "--json" in rest:
+        json_path = Path(rest[rest.index("--json") + 1])
+    else:
+        outputs += ["--json", str(json_path)]
+    if "--plot" not in rest:  # next to the JSON, never over another run's plot
+        outputs += ["--plot", str(json_path.with_suffix(".png"))]
     return ["run", "--temperature", "0.6", *preset["args"], *outputs, *rest]
 
 

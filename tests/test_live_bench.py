@@ -151,7 +151,7 @@ def test_bench_script_presets_and_overrides() -> None:
     assert argv[argv.index("--num-prompts") + 1] == "4"
     # the user's options come last, so they override the preset's
     assert argv[len(argv) - 1 - argv[::-1].index("--temperature") + 1] == "1.0"
-    assert argv.count("--json") == 1 and "--plot" in argv
+    assert argv.count("--json") == 1 and argv[argv.index("--plot") + 1] == "x.png"
     assert module.build_argv([])[module.build_argv([]).index("--num-prompts") + 1] == "32"
 
 
@@ -265,3 +265,59 @@ def test_das_options_are_parsed_as_json_and_checked_before_any_engine_starts() -
         LiveWorkload(das_options=(("bogus", 1),))
     with pytest.raises(ValueError, match="max_draft_batch=-1"):
         LiveWorkload(das_options=(("max_draft_batch", -1),))
+
+
+def test_sigterm_unwinds_so_engines_are_shut_down(tmp_path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "finally-ran"
+    script = (
+        "import time\n"
+        "from das.cli_run import unwind_on_sigterm\n"
+        "unwind_on_sigterm()\n"
+        "try:\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "finally:\n"
+        f"    open({str(marker)!r}, 'w').write('closed')\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "ready"
+    process.terminate()
+    assert process.wait(timeout=30) == 128 + 15
+    deadline = time.monotonic() + 5
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.read_text() == "closed"
+
+
+def test_ratios_at_equal_machine_speed_divide_out_the_probe() -> None:
+    from das.live_bench import probe_adjusted_ratio
+    from das.live_report import format_table
+
+    none = MethodRun("none", {}, steps=[step(i, 2.0, 100) for i in range(2)])
+    das = MethodRun("das_policy", {}, steps=[step(i, 3.0, 100) for i in range(2)])
+    # The machine ran none's steps at probe 0.5 s and DAS's at 0.75 s: 1.5x slower, which is
+    # all of DAS's 1.5x longer wall time in step 1. Step 2 has no probe.
+    none.steps[0].probe_before_s, none.steps[0].probe_after_s = 0.4, 0.6
+    das.steps[0].probe_before_s, das.steps[0].probe_after_s = 0.7, 0.8
+    assert das.steps[0].machine_probe_s == pytest.approx(0.75)
+    assert probe_adjusted_ratio(das.steps[0], none.steps[0]) == pytest.approx(1.0)
+    assert probe_adjusted_ratio(das.steps[1], none.steps[1]) is None
+    summary = summarize({"none": none, "das_policy": das}, [0, 1])
+    ratios = summary["das_policy"]["per_step_wall_vs_none_at_equal_machine_speed"]
+    assert ratios[0] == pytest.approx(1.0) and ratios[1] is None
+    workload = LiveWorkload(num_prompts=1, num_samples=1, num_steps=2)
+    table = format_table({"none": none, "das_policy": das}, workload)
+    assert "at equal machine speed" in table and "1.00    -" in table
+
+
+def test_machine_probe_times_real_work() -> None:
+    from das.machine_probe import probe_seconds
+
+    seconds = probe_seconds(repeats=1, matmuls=1, copies=1)
+    assert 0.0 < seconds < 60.0

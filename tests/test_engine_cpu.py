@@ -43,9 +43,8 @@ def test_clock_reads_a_live_engine_process() -> None:
         clock = EngineCpuClock.started_since(before)
         start = clock.read()
         time.sleep(1.0)
-        engine_s, other_s = start.until(clock.read())
+        engine_s, _ = start.until(clock.read())
         assert engine_s == pytest.approx(1.0, abs=0.5)  # one busy process for one second
-        assert other_s >= 0.0
     finally:
         engine.kill()
         engine.wait()

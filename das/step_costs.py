@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_BATCH_EDGES", "StepCostBin", "bin_step_costs", "format_step_costs"]
+__all__ = [
+    "DEFAULT_BATCH_EDGES",
+    "OBSERVATION_FIELDS",
+    "StepCostBin",
+    "bin_step_costs",
+    "concatenate_observations",
+    "format_step_costs",
+]
 
 # Bin edges over requests per engine step (lower bound inclusive).
 DEFAULT_BATCH_EDGES = (1, 8, 16, 32, 64, 128, 200, 257)
@@ -43,6 +50,32 @@ class StepCostBin:
         return asdict(self)
 
 
+OBSERVATION_FIELDS = ("num_tokens", "context_tokens", "seconds", "draft_tokens")
+
+
+def concatenate_observations(
+    observations: Sequence[Mapping[str, Sequence[float]]],
+) -> dict[str, np.ndarray]:
+    """The engine steps of every RL step's ``observations``, one float64 array per field.
+
+    Raises:
+        ValueError: if a mapping lacks a field or its fields differ in length.
+    """
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in OBSERVATION_FIELDS}
+    for index, step in enumerate(observations):
+        missing = [name for name in OBSERVATION_FIELDS if name not in step]
+        if missing:
+            raise ValueError(f"observations[{index}] lacks {missing}")
+        sizes = {len(step[name]) for name in OBSERVATION_FIELDS}
+        if len(sizes) != 1:
+            raise ValueError(f"observations[{index}] has fields of different lengths {sizes}")
+        for name in OBSERVATION_FIELDS:
+            columns[name].append(np.asarray(step[name], dtype=np.float64))
+    return {
+        name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()
+    }
+
+
 def bin_step_costs(
     observations: Sequence[Mapping[str, Sequence[float]]],
     edges: Sequence[int] = DEFAULT_BATCH_EDGES,
@@ -56,20 +89,7 @@ def bin_step_costs(
     edges = [int(edge) for edge in edges]
     if len(edges) < 2 or any(b <= a for a, b in itertools.pairwise(edges)):
         raise ValueError(f"edges={edges!r} must hold at least two increasing values")
-    fields = ("num_tokens", "context_tokens", "seconds", "draft_tokens")
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in fields}
-    for index, step in enumerate(observations):
-        missing = [name for name in fields if name not in step]
-        if missing:
-            raise ValueError(f"observations[{index}] lacks {missing}")
-        sizes = {len(step[name]) for name in fields}
-        if len(sizes) != 1:
-            raise ValueError(f"observations[{index}] has fields of different lengths {sizes}")
-        for name in fields:
-            columns[name].append(np.asarray(step[name], dtype=np.float64))
-    data = {
-        name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()
-    }
+    data = concatenate_observations(observations)
     tokens, drafts = data["num_tokens"], data["draft_tokens"]
     requests = tokens - drafts
     drafted = drafts > 0

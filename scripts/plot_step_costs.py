@@ -16,9 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from das.step_costs import bin_step_costs, format_step_costs
+from das.step_costs import bin_step_costs, concatenate_observations, format_step_costs
 
 logger = logging.getLogger("plot_step_costs")
 
@@ -31,10 +29,9 @@ def plot(observations: list[dict], path: Path, title: str) -> None:
     figure = Figure(figsize=(8, 5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    tokens = np.concatenate([np.asarray(o["num_tokens"], float) for o in observations])
-    drafts = np.concatenate([np.asarray(o["draft_tokens"], float) for o in observations])
-    seconds = np.concatenate([np.asarray(o["seconds"], float) for o in observations])
-    requests = tokens - drafts
+    data = concatenate_observations(observations)
+    drafts, seconds = data["draft_tokens"], data["seconds"]
+    requests = data["num_tokens"] - drafts
     for mask, label, colour in (
         (drafts == 0, "no drafts", "tab:blue"),
         (drafts > 0, "drafts", "tab:red"),

@@ -418,6 +418,15 @@ def patch_rejection_sample() -> None:
                     step.positions,
                     max_spec_len,
                 )
+        if keyed is not None and len(step.rows) == step.num_reqs:
+            # Every row is keyed (the rows are a permutation of the batch): vLLM's own
+            # verification, a softmax and a recovered-token draw over the vocabulary at every
+            # draft position, would be overwritten entirely, so it is not run.
+            output = torch.full(
+                (step.num_reqs, max_spec_len + 1), -1, dtype=torch.int32, device=keyed.device
+            )
+            output[torch.from_numpy(step.rows)] = keyed
+            return output.to(target_logits.device)
         output = original(
             draft_token_ids,
             num_draft_tokens,

@@ -2,17 +2,33 @@
 ``SamplingMetadata`` for a batch, as the runner would build them.
 
 For driving vLLM's real ``Sampler`` and ``RejectionSampler`` without an engine: the patch
-point's tests and ``scripts/measure_verify_overhead.py``.
+point's tests, ``scripts/measure_verify_overhead.py`` and ``scripts/bench_keyed_verify.py``
+(which also share :func:`median_seconds`).
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
+
+DEFAULT_VOCAB = 49152  # SmolLM2's vocabulary
+
+
+def median_seconds(action: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``action``, after one warm-up call."""
+    action()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def spec_decode_metadata(drafts: list[list[int]]) -> Any:

@@ -18,12 +18,14 @@ to ``none`` is the machine's own noise)::
 
     python scripts/bench_rollout.py --workload small --interleave --kv-cache-gib 1 \\
         --methods none,none_repeat,ngram,suffix,das_fixed,das_policy
-    python scripts/bench_rollout.py --workload rl --interleave --kv-cache-gib 2 \\
-        --methods none,ngram,suffix,das_policy
+    python scripts/bench_rollout.py --workload rl --interleave --kv-cache-gib 1.5 \\
+        --methods none,ngram,suffix,das_fixed,das_policy
     python scripts/bench_rollout.py --workload rl --interleave --keyed --kv-cache-gib 4 \\
         --methods none,none_repeat,das_policy --json benchmarks/results/rollout_cpu_keyed_aa.json
 
-(``rollout_cpu_keyed_aa_rerun.json`` is the last command again, after fix 6 of
+(``rollout_cpu_before_fit.json`` is the RL command as first run, before fix 6 and the
+whole-step cost fit: ``--kv-cache-gib 2 --methods none,ngram,suffix,das_policy``;
+``rollout_cpu_keyed_aa_rerun.json`` is the last command again, after fix 6 of
 ``das.vllm_plugin`` and the verify-cost prior; ``rollout_cpu_t10_keyed_aa.json`` is it with
 ``--temperature 1.0``; ``rollout_cpu_keyed_aa_fit.json`` is it with the cost fit's whole-step
 window; ``rollout_cpu_keyed_aa_cap16.json`` adds ``--das-option max_draft_batch=16``, and
@@ -33,8 +35,8 @@ a machine-speed probe before and after it (``das.machine_probe``): keep the mach
 idle while it runs. ``scripts/plot_step_costs.py RUN.json`` shows a DAS engine's step times,
 with drafts and without, by batch size.
 
-Four engines of 2 GiB KV cache each fit a 24 GiB machine; four of 4 GiB did not (the kernel
-killed one).
+Four engines of 2 GiB KV cache each fit a 24 GiB machine, and five of 1.5 GiB (about 20 GB in
+all); four of 4 GiB did not (the kernel killed one).
 """
 
 from __future__ import annotations

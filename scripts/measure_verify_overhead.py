@@ -24,27 +24,14 @@ import json
 import logging
 import platform
 import shlex
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from das.vllm_sampling_inputs import DEFAULT_VOCAB, median_seconds
+
 logger = logging.getLogger("measure_verify_overhead")
-
-DEFAULT_VOCAB = 49152  # SmolLM2's vocabulary
-
-
-def median_seconds(action: Callable[[], object], repeats: int) -> float:
-    action()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def measure_batch(rows: int, vocab: int, repeats: int) -> dict[str, float]:

@@ -3,6 +3,7 @@ and the vLLM seams it hooks (fast: no engine)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -373,14 +374,27 @@ output = rejection_sampler.rejection_sample(
     torch.tensor(drafts, dtype=torch.int32), [3, 2, 3], max_spec_len,
     torch.tensor([3, 5, 8], dtype=torch.int32), None, target_logits,
     torch.tensor([[7], [8], [9]], dtype=torch.int32), metadata)
-print(json.dumps({"output": output.tolist(), "row0": row0, "row2": row2, "greedy": greedy}))
+# Every row keyed, given in request order (not batch order): vLLM's own verification is not
+# run (with this empty metadata it would raise on its first attribute).
+row_a, row_b = draws([0, 1], 79, 3), draws([2, 3], 80, 0)
+vllm_keyed._step = vllm_keyed.KeyedStep(
+    sampler=None, num_reqs=2, rows=np.array([1, 0]), seeds=np.array([80, 79], dtype=object),
+    positions=np.array([0, 3]), num_drafts=np.array([2, 2]))
+every = rejection_sampler.rejection_sample(
+    torch.tensor([row_a[0], (row_a[1] + 1) % vocab, *row_b], dtype=torch.int32), [2, 2], 2,
+    torch.tensor([2, 4], dtype=torch.int32), None, target_logits[:4].contiguous(),
+    torch.tensor([[5], [6]], dtype=torch.int32), SimpleNamespace())
+vllm_keyed._step = None
+print(json.dumps({"output": output.tolist(), "row0": row0, "row2": row2, "greedy": greedy,
+                  "every": every.tolist(), "row_a": row_a, "row_b": row_b}))
 """
 
 
 def test_rejection_sample_seam_overrides_keyed_rows_only() -> None:
     """vLLM's own rejection_sample, patched: keyed rows are the keyed verification (the first
     rejected position emits the keyed draw, not vLLM's recovered token), the unkeyed greedy row
-    keeps vLLM's rule. In a subprocess: vLLM's CPU kernels must be registered before import."""
+    keeps vLLM's rule; when every row is keyed, vLLM's verification is not run at all. In a
+    subprocess: vLLM's CPU kernels must be registered before import."""
     import json
 
     from tests.vllm_subprocess import run_vllm_cpu_script
@@ -390,3 +404,33 @@ def test_rejection_sample_seam_overrides_keyed_rows_only() -> None:
     assert got["output"][0] == [*row0, -1]  # draws 0, 1 accepted; draw 2 emitted at rejection
     assert got["output"][1] == [*greedy, 8, -1]
     assert got["output"][2] == [*row2, 9]
+    # Every row keyed: the keyed verification alone, each row in its batch place.
+    assert got["every"] == [[*got["row_a"], -1], [*got["row_b"], 6]]
+
+
+BENCH_SCRIPT = """
+import runpy, sys
+sys.argv = ["bench_keyed_verify.py", "--batch-sizes", "2,5", "--k", "3", "--vocab", "300",
+            "--repeats", "1", "--json", {path!r}]
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+except SystemExit as stop:
+    assert stop.code == 0, stop.code
+"""
+
+
+def test_keyed_verify_benchmark_checks_the_seams_output_and_writes_every_batch(tmp_path) -> None:
+    """scripts/bench_keyed_verify.py at toy sizes: it asserts that the patched seam emits the
+    keyed draws before timing it, and writes one row per batch size."""
+    import json
+
+    from tests.vllm_subprocess import run_vllm_cpu_script
+
+    out = tmp_path / "keyed_verify.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_keyed_verify.py"
+    run_vllm_cpu_script(BENCH_SCRIPT.format(path=str(out), script=str(script)))
+    report = json.loads(out.read_text())
+    assert [row["rows"] for row in report["batches"]] == [2, 5]
+    for row in report["batches"]:
+        assert row["now_s"] > 0 and row["before_s"] > 0 and row["vllm_unkeyed_s"] > 0
+        assert row["before_over_now"] == row["before_s"] / row["now_s"]

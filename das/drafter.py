@@ -126,6 +126,8 @@ class DrafterStats:
     wins_by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
     tokens_by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
     num_failures: int = 0
+    # Batches whose drafts were not looked up: the policy could give none a budget.
+    num_skipped_batches: int = 0
     # Per length class of the request's prompt (long/medium/short): rows given a draft, draft
     # tokens, accepted tokens.
     drafts_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
@@ -392,6 +394,13 @@ class DASDrafter:
         rows = len(request_ids)
         k = self.config.num_speculative_tokens
         requests = [self._request(rid) for rid in request_ids]
+        cost = self.cost.model if isinstance(self.cost, OnlineCostFitter) else self.cost
+        if self.policy is not None and rows:
+            shape = self._batch_view(requests, np.zeros((rows, 0)))
+            if not self.policy.may_draft(shape, caps, cost):
+                # No draft of this batch could get a budget: skip the tree lookups.
+                self.stats.num_skipped_batches += 1
+                return _empty_proposal(rows, k)
         context_slots = np.fromiter((r.own_slot for r in requests), np.int64, rows)
         roots_by_source = (
             np.fromiter((r.prompt_root for r in requests), np.int64, rows),
@@ -422,7 +431,8 @@ class DASDrafter:
         sources = np.where(drafts.num_tokens > 0, chosen, -1).astype(np.int8)
         budgets = caps
         if self.policy is not None and rows:
-            budgets = np.minimum(self._policy_budgets(requests, drafts, cumulative), caps)
+            batch = self._batch_view(requests, cumulative)
+            budgets = np.minimum(self.policy.batch_budgets(batch, cost), caps)
         np.minimum(drafts.num_tokens, budgets, out=drafts.num_tokens)
         sources[drafts.num_tokens == 0] = -1
         for i in np.flatnonzero(sources >= 0):
@@ -443,11 +453,9 @@ class DASDrafter:
             return batch.cumulative_probs()
         return self.calibration.calibrate(batch.masked_probs(), row_factors)
 
-    def _policy_budgets(
-        self, requests: list[_Request], drafts: DraftBatch, cumulative: np.ndarray
-    ) -> np.ndarray:
+    def _batch_view(self, requests: list[_Request], cumulative: np.ndarray) -> BatchView:
         rows = len(requests)
-        batch = BatchView(
+        return BatchView(
             generated_tokens=np.fromiter((r.num_generated for r in requests), np.int64, rows),
             cumulative_probs=cumulative,
             length_classes=[self._length_class(r) for r in requests],
@@ -458,8 +466,6 @@ class DASDrafter:
                 (r.num_prompt_tokens + r.num_generated for r in requests), np.int64, rows
             ),
         )
-        cost = self.cost.model if isinstance(self.cost, OnlineCostFitter) else self.cost
-        return np.asarray(self.policy.batch_budgets(batch, cost), dtype=np.int64)
 
     def _count(self, requests: list[_Request], drafts: DraftBatch, sources: np.ndarray) -> None:
         self.stats.num_proposals += len(drafts)

@@ -36,6 +36,7 @@ __all__ = [
     "LengthClassPolicy",
     "RequestView",
     "binding_shares",
+    "drafting_can_pay",
     "expected_produced_tokens",
     "fixed_budgets",
     "makespan_budgets",
@@ -329,6 +330,44 @@ def optimal_budgets(
     return np.bincount(request[order[:num_drafted]], minlength=num_requests).astype(np.int64)
 
 
+def drafting_can_pay(
+    caps: np.ndarray,
+    cost: StepCostModel,
+    context_tokens: float | np.ndarray = 0,
+    weights: np.ndarray | None = None,
+    min_relative_gain: float = 0.0,
+) -> bool:
+    """Whether :func:`optimal_budgets` could give any request a budget, whatever its drafts.
+
+    An upper bound from the step's shape alone: every draft token accepted, and the ``m``
+    drafted tokens the most valuable (largest weights) and the cheapest (smallest contexts)
+    that ``caps`` allow. Expected tokens can only be lower and the step time only higher for
+    any real drafts of at most ``caps[i]`` tokens for request ``i``, so when even this bound
+    does not beat not drafting by ``min_relative_gain``, :func:`optimal_budgets` returns zeros
+    for any acceptance probabilities, and a drafter need not look drafts up. Rounding errs
+    toward True. Other arguments as in :func:`optimal_budgets`.
+    """
+    counts = np.maximum(np.asarray(caps, dtype=np.int64), 0)
+    num_requests = counts.size
+    if num_requests == 0 or counts.max() == 0:
+        return False
+    weight = _check_weights(weights, num_requests)
+    gains = np.sort(np.repeat(weight, counts))[::-1]
+    produced = float(weight.sum()) + np.concatenate([[0.0], np.cumsum(gains)])
+    if np.ndim(context_tokens) > 0:
+        context = _per_request(context_tokens, "context_tokens", num_requests)
+        cheapest = np.sort(np.repeat(context, counts))
+        attended = context.sum() + np.concatenate([[0.0], np.cumsum(cheapest)])
+    else:
+        attended = check_real(context_tokens, "context_tokens", minimum=0.0)
+    num_drafts = np.arange(gains.size + 1)
+    times = cost.step_times(num_requests + num_drafts, attended, num_drafts)
+    if times.min() <= 0.0:
+        return True  # optimal_budgets names the bad cost model
+    rate = produced / times
+    return bool(rate[1:].max() >= rate[0] * (1.0 + min_relative_gain) * (1.0 - 1e-9))
+
+
 def binding_shares(remaining: np.ndarray, tolerance: float = 16.0) -> np.ndarray:
     """Per request, its predicted share of the step's binding (last-to-finish) requests.
 
@@ -542,6 +581,14 @@ class BudgetPolicy(ABC):
     def batch_budgets(self, batch: BatchView, cost: StepCostModel | None = None) -> np.ndarray:
         """:meth:`budgets` for a whole batch given as arrays."""
 
+    def may_draft(
+        self, batch: BatchView, caps: np.ndarray, cost: StepCostModel | None = None
+    ) -> bool:
+        """False only if :meth:`batch_budgets` would give every request 0 whatever the drafts of
+        at most ``caps`` tokens were (``batch.cumulative_probs`` is not read), so a drafter may
+        skip looking them up. The default: True."""
+        return True
+
 
 @dataclass(frozen=True, slots=True)
 class FixedPolicy(BudgetPolicy):
@@ -607,15 +654,32 @@ class CostModelPolicy(BudgetPolicy):
             return self.cost_source.model
         return self.cost_source
 
+    def _weights(self, batch: BatchView) -> np.ndarray | None:
+        if not (self.weight_by_length and len(batch)):
+            return None
+        return remaining_length_weights(
+            batch.generated_tokens.astype(np.float64),
+            batch.expected_lengths,
+            max_ratio=self.max_weight_ratio,
+        )
+
+    def may_draft(
+        self, batch: BatchView, caps: np.ndarray, cost: StepCostModel | None = None
+    ) -> bool:
+        caps = np.asarray(caps, dtype=np.int64)
+        if self.max_budget is not None:
+            caps = np.minimum(caps, self.max_budget)
+        return drafting_can_pay(
+            caps,
+            cost if cost is not None else self.cost_model,
+            context_tokens=batch.context_tokens,
+            weights=self._weights(batch),
+            min_relative_gain=self.min_relative_gain,
+        )
+
     def batch_budgets(self, batch: BatchView, cost: StepCostModel | None = None) -> np.ndarray:
         cost = cost if cost is not None else self.cost_model
-        weights = None
-        if self.weight_by_length and len(batch):
-            weights = remaining_length_weights(
-                batch.generated_tokens.astype(np.float64),
-                batch.expected_lengths,
-                max_ratio=self.max_weight_ratio,
-            )
+        weights = self._weights(batch)
         return optimal_budgets(
             batch.cumulative_probs,
             cost,

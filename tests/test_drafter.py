@@ -55,6 +55,38 @@ def test_batches_larger_than_max_draft_batch_get_no_drafts():
     assert drafter.propose(["a", "b"]).draft_tokens() == [RESPONSE[5:9]] * 2
 
 
+def test_batches_where_no_draft_could_pay_skip_the_tree_lookups(monkeypatch):
+    """A cost-model policy whose cost says no draft can pay in a batch of 3: no lookup, empty
+    drafts, the batch counted; in a batch of 1 it looks drafts up and drafts."""
+    from policies.budget import CostModelPolicy
+    from policies.cost_model import StepCostModel
+
+    # A step costs 10 ms up to 3 tokens, and each draft token 4 ms more. One request's draft
+    # (first token accepted with probability 1/2) pays: 3 expected tokens in 26 ms against 1
+    # in 10 ms. Three requests already make 300 tokens/s, which any draft lowers, even a sure one.
+    cost = StepCostModel(c_base=0.01, c_tok=0.0, knee_tokens=3, c_draft=0.004)
+    policy = CostModelPolicy(cost, max_budget=4)
+    drafter = DASDrafter(prompt_only(num_speculative_tokens=4), policy=policy, cost=cost)
+    lookups = []
+    speculate_many = drafter.forest.speculate_many
+    monkeypatch.setattr(
+        drafter.forest,
+        "speculate_many",
+        lambda *args, **kwargs: lookups.append(1) or speculate_many(*args, **kwargs),
+    )
+    drafter.begin_step(1)
+    run_request(drafter, "r1", PROMPT_A, RESPONSE)
+    drafter.begin_step(2)
+    for rid, prompt in zip("abc", (PROMPT_A, PROMPT_B, PROMPT_B), strict=True):
+        drafter.start_request(rid, prompt)
+    drafter.extend_many(["a", "b", "c"], [RESPONSE[:5]] * 3)
+    assert drafter.propose(["a", "b", "c"]).draft_tokens() == [[], [], []]
+    assert lookups == [] and drafter.stats.num_skipped_batches == 1
+    # One request alone: its draft may pay, so it is looked up, and it does.
+    assert drafter.propose(["a"]).draft_tokens() == [RESPONSE[5:9]]
+    assert lookups == [1] and drafter.stats.num_skipped_batches == 1
+
+
 def test_live_sibling_tokens_draft_within_the_same_step():
     drafter = DASDrafter(prompt_only(num_speculative_tokens=3))
     drafter.begin_step(1)

@@ -17,6 +17,7 @@ from policies.budget import (
     LengthClassPolicy,
     RequestView,
     binding_shares,
+    drafting_can_pay,
     expected_produced_tokens,
     fixed_budgets,
     makespan_budgets,
@@ -104,6 +105,48 @@ def test_optimal_budgets_match_brute_force(drafts, cost, context, weights, max_b
         assert 0 <= budget <= len(draft)
         assert max_budget is None or budget <= max_budget
     assert rate(ours, drafts, cost, context, weights) == pytest.approx(best, rel=1e-9)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(continuous_draft, min_size=1, max_size=5),
+    st.builds(
+        StepCostModel,
+        c_base=st.floats(0.01, 2.0),
+        c_tok=st.floats(0.0, 1.0),
+        knee_tokens=st.floats(0.0, 12.0),
+        c_ctx=st.floats(0.0, 0.01),
+        c_draft=st.floats(0.0, 0.5),
+        c_spec_request=st.floats(0.0, 0.5),
+    ),
+    st.lists(st.integers(0, 300), min_size=5, max_size=5),
+    st.one_of(st.none(), st.lists(st.floats(0.0, 5.0), min_size=5, max_size=5)),
+    st.sampled_from([0.0, 0.02, 0.2]),
+)
+def test_drafting_can_pay_is_false_only_where_no_draft_gets_a_budget(
+    drafts, cost, context, weights, margin
+) -> None:
+    """The bound holds for any drafts within the caps, including ones accepted for sure."""
+    rows = len(drafts)
+    context = np.array(context[:rows], dtype=np.float64)
+    weights = None if weights is None else np.array(weights[:rows])
+    caps = np.array([len(d) for d in drafts])
+    if drafting_can_pay(caps, cost, context, weights, min_relative_gain=margin):
+        return
+    certain = [np.ones(len(d)) for d in drafts]
+    for probs in (drafts, certain):
+        budgets = optimal_budgets(probs, cost, context, weights, min_relative_gain=margin)
+        assert budgets.sum() == 0
+
+
+def test_drafting_can_pay_follows_the_cpu_fit_across_batch_sizes() -> None:
+    """The live CPU fit (c_base 66 ms, 0.9 ms per token past 73): drafting cannot pay in a
+    full batch of 256 requests with a 2% margin, and can in the tail of 8."""
+    live = StepCostModel(c_base=0.066, c_tok=0.0009, knee_tokens=73)
+    assert not drafting_can_pay(np.full(256, 16), live, np.full(256, 400), min_relative_gain=0.02)
+    assert drafting_can_pay(np.full(8, 16), live, np.full(8, 400), min_relative_gain=0.02)
+    assert not drafting_can_pay(np.zeros(8, np.int64), live)  # nothing to draft
+    assert not drafting_can_pay(np.zeros(0, np.int64), live)
 
 
 @settings(max_examples=300, deadline=None)

@@ -8,6 +8,7 @@ point's tests, ``scripts/measure_verify_overhead.py`` and ``scripts/bench_keyed_
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -18,6 +19,17 @@ import numpy as np
 import torch
 
 DEFAULT_VOCAB = 49152  # SmolLM2's vocabulary
+
+
+def batch_sizes_arg(text: str) -> list[int]:
+    """An argparse ``type``: comma-separated batch sizes, each >= 1."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated integers") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every batch size must be >= 1")
+    return sizes
 
 
 def median_seconds(action: Callable[[], object], repeats: int) -> float:

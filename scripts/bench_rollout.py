@@ -26,7 +26,7 @@ to ``none`` is the machine's own noise)::
 (``rollout_cpu_before_fit.json`` is the RL command as first run, before fix 6 and the
 whole-step cost fit: ``--kv-cache-gib 2 --methods none,ngram,suffix,das_policy``;
 ``rollout_cpu_keyed_aa_rerun.json`` is the last command again, after fix 6 of
-``das.vllm_plugin`` and the verify-cost prior; ``rollout_cpu_t10_keyed_aa.json`` is it with
+``das.vllm.plugin`` and the verify-cost prior; ``rollout_cpu_t10_keyed_aa.json`` is it with
 ``--temperature 1.0``; ``rollout_cpu_keyed_aa_fit.json`` is it with the cost fit's whole-step
 window; ``rollout_cpu_keyed_aa_cap16.json`` adds ``--das-option max_draft_batch=16``, and
 ``rollout_cpu_keyed_aa_cap16_stopped.json`` is that command stopped after two DAS steps;
@@ -34,7 +34,7 @@ window; ``rollout_cpu_keyed_aa_cap16.json`` adds ``--das-option max_draft_batch=
 verification stopped running vLLM's own pass and the drafter started skipping lookups that
 cannot pay.)
 Each step also records the CPU seconds of the engine's processes and of everything else, and
-a machine-speed probe before and after it (``das.machine_probe``): keep the machine otherwise
+a machine-speed probe before and after it (``das.bench.machine_probe``): keep the machine otherwise
 idle while it runs. ``scripts/plot_step_costs.py RUN.json`` shows a DAS engine's step times,
 with drafts and without, by batch size.
 

@@ -57,7 +57,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from das.vllm_engine import make_llm
+    from das.vllm.engine import make_llm
     from policies.profiles import fit_measured_steps
 
     llm = make_llm(args.model, dtype=args.dtype, max_model_len=1024)

@@ -1,7 +1,7 @@
 """Measure what vLLM's verification path adds to a step's sampling, on this machine.
 
 vLLM 0.32 sends every step of a speculative engine through its ``RejectionSampler``; DAS's fix 6
-(``das.vllm_plugin``) samples a step without drafts as a plain engine does. For each batch size
+(``das.vllm.plugin``) samples a step without drafts as a plain engine does. For each batch size
 B, with real vLLM ``Sampler``/``RejectionSampler`` objects on ``B x vocab`` bf16 logits
 (temperature sampling, vLLM's CPU kernels), this times the median of:
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from das.vllm_sampling_inputs import DEFAULT_VOCAB, batch_sizes_arg, median_seconds
+from das.vllm.sampling_inputs import DEFAULT_VOCAB, batch_sizes_arg, median_seconds
 
 logger = logging.getLogger("measure_verify_overhead")
 
@@ -37,8 +37,8 @@ logger = logging.getLogger("measure_verify_overhead")
 def measure_batch(rows: int, vocab: int, repeats: int) -> dict[str, float]:
     import torch
 
-    from das import vllm_plugin
-    from das.vllm_sampling_inputs import (
+    from das.vllm import plugin as vllm_plugin
+    from das.vllm.sampling_inputs import (
         sampling_metadata,
         spec_decode_metadata,
         stand_in_runner,
@@ -79,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--vocab {args.vocab} must be >= 8 and --repeats {args.repeats} >= 1")
     batch_sizes = args.batch_sizes
 
-    from das import vllm_plugin
-    from das.vllm_sampling_inputs import register_cpu_kernels
+    from das.vllm import plugin as vllm_plugin
+    from das.vllm.sampling_inputs import register_cpu_kernels
 
     register_cpu_kernels()
     if not vllm_plugin.register():
-        logger.error("das.vllm_plugin refused this vLLM: %s", vllm_plugin.refusal())
+        logger.error("das.vllm.plugin refused this vLLM: %s", vllm_plugin.refusal())
         return 1
     results = {}
     for rows in batch_sizes:

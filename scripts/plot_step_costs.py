@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from das.step_costs import bin_step_costs, concatenate_observations, format_step_costs
+from das.bench.step_costs import bin_step_costs, concatenate_observations, format_step_costs
 
 logger = logging.getLogger("plot_step_costs")
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from das.engine_cpu import EngineCpuClock, child_pids
+from das.bench.engine_cpu import EngineCpuClock, child_pids
 
 BURN = "import time\nend = time.process_time() + {seconds}\nwhile time.process_time() < end: pass\n"
 

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import pytest
 
-from das.live_bench import (
+from das.bench.live import (
     COMPARED_METHODS,
     EngineCounters,
     LiveWorkload,
@@ -19,7 +19,7 @@ from das.live_bench import (
     identity_report,
     summarize,
 )
-from das.live_report import build_report, format_table, plot_live
+from das.bench.live_report import build_report, format_table, plot_live
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,7 +176,7 @@ class FakeSession:
 
 
 def test_interleave_runs_each_step_on_every_engine_with_fake_sessions(monkeypatch) -> None:
-    from das import live_bench
+    from das.bench import live as live_bench
     from rollouts.prompts import Prompt
 
     FakeSession.calls = []
@@ -209,7 +209,7 @@ def test_engine_counter_logger_counts_what_vllms_prometheus_logger_does() -> Non
     from vllm.v1.metrics.stats import IterationStats, SchedulerStats
     from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
-    from das.live_bench import EngineCounterLogger
+    from das.bench.live import EngineCounterLogger
 
     counter = EngineCounterLogger()
     spec = SpecDecodingStats.new(num_spec_tokens=4)
@@ -237,8 +237,8 @@ def test_summary_compares_each_steps_rollouts_with_none_by_digest() -> None:
 
 
 def test_keyed_sampling_params_seed_each_rollout_by_prompt_sample_and_step() -> None:
-    from das.live_bench import _sampling_params, rollout_seed
-    from das.vllm_keyed import OPTION
+    from das.bench.live import _sampling_params, rollout_seed
+    from das.vllm.keyed import OPTION
     from rollouts.prompts import Prompt
 
     seeds = {rollout_seed(0, p, s, t) for p in range(32) for s in range(8) for t in range(4)}
@@ -253,8 +253,8 @@ def test_keyed_sampling_params_seed_each_rollout_by_prompt_sample_and_step() -> 
 
 
 def test_das_options_are_parsed_as_json_and_checked_before_any_engine_starts() -> None:
-    from das.cli_run import parse_das_options
-    from das.live_bench import LiveWorkload
+    from das.bench.live import LiveWorkload
+    from das.cli.run import parse_das_options
 
     options = parse_das_options(["max_draft_batch=16", "calibrate=false", "policy=fixed"])
     assert options == (("max_draft_batch", 16), ("calibrate", False), ("policy", "fixed"))
@@ -275,7 +275,7 @@ def test_sigterm_unwinds_so_engines_are_shut_down(tmp_path) -> None:
     marker = tmp_path / "finally-ran"
     script = (
         "import time\n"
-        "from das.cli_run import unwind_on_sigterm\n"
+        "from das.cli.run import unwind_on_sigterm\n"
         "unwind_on_sigterm()\n"
         "try:\n"
         "    print('ready', flush=True)\n"
@@ -296,8 +296,8 @@ def test_sigterm_unwinds_so_engines_are_shut_down(tmp_path) -> None:
 
 
 def test_ratios_at_equal_machine_speed_divide_out_the_probe() -> None:
-    from das.live_bench import probe_adjusted_ratio
-    from das.live_report import format_table
+    from das.bench.live import probe_adjusted_ratio
+    from das.bench.live_report import format_table
 
     none = MethodRun("none", {}, steps=[step(i, 2.0, 100) for i in range(2)])
     das = MethodRun("das_policy", {}, steps=[step(i, 3.0, 100) for i in range(2)])
@@ -317,7 +317,7 @@ def test_ratios_at_equal_machine_speed_divide_out_the_probe() -> None:
 
 
 def test_machine_probe_times_real_work() -> None:
-    from das.machine_probe import probe_seconds
+    from das.bench.machine_probe import probe_seconds
 
     seconds = probe_seconds(repeats=1, matmuls=1, copies=1)
     assert 0.0 < seconds < 60.0

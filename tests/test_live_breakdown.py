@@ -1,4 +1,4 @@
-"""The split of a speculative step's extra time by cause (:mod:`das.live_breakdown`)."""
+"""The split of a speculative step's extra time by cause (:mod:`das.bench.breakdown`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from das.live_bench import MethodRun, StepMeasurement, engine_kwargs_for, summarize
-from das.live_breakdown import time_breakdown
-from das.live_report import format_table
+from das.bench.breakdown import time_breakdown
+from das.bench.live import MethodRun, StepMeasurement, engine_kwargs_for, summarize
+from das.bench.live_report import format_table
 
 COST = {"c_base": 0.04, "c_tok": 0.001, "c_draft": 0.0002, "c_spec_request": 0.0001}
 
@@ -113,13 +113,13 @@ def test_the_a_a_engine_is_a_plain_no_speculation_engine() -> None:
 
 
 def _workload():
-    from das.live_bench import LiveWorkload
+    from das.bench.live import LiveWorkload
 
     return LiveWorkload(num_prompts=1, num_samples=8, num_steps=2)
 
 
 def test_a_step_keeps_only_its_own_cost_observations() -> None:
-    from das.live_bench import step_cost_observations
+    from das.bench.live import step_cost_observations
 
     window = {"num_tokens": [1.0, 2.0, 3.0, 4.0], "seconds": [0.1, 0.2, 0.3, 0.4]}
     assert step_cost_observations(window, 3) == {

@@ -9,8 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from das.record import length_summary, metadata_path_for, plot_length_histogram, record_rollouts
-from das.vllm_engine import chat_prompt_token_ids, make_llm
+from das.vllm.engine import chat_prompt_token_ids, make_llm
+from das.vllm.record import (
+    length_summary,
+    metadata_path_for,
+    plot_length_histogram,
+    record_rollouts,
+)
 from rollouts.prompts import builtin_prompts, format_gsm8k_messages, load_prompts
 from rollouts.trace import group_by_step, prompt_key_for, read_trace
 

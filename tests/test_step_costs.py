@@ -1,4 +1,4 @@
-"""Binning a live run's engine steps by batch size, drafted against plain (das.step_costs)."""
+"""Binning a live run's engine steps by batch size, drafted against plain (das.bench.step_costs)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from das.step_costs import bin_step_costs, format_step_costs
+from das.bench.step_costs import bin_step_costs, format_step_costs
 
 
 def test_steps_land_in_their_batch_bin_split_by_drafts() -> None:

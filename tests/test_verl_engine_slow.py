@@ -1,7 +1,7 @@
 """vLLM engines built from exactly the engine arguments verl 0.9.1 derives from its config.
 
 verl's rollout server is a Ray actor on a GPU node and cannot run here; its argument builder
-(``vLLMHttpServer.launch_server``) does, through :func:`das.verl_hook.verl_vllm_engine_args`.
+(``vLLMHttpServer.launch_server``) does, through :func:`das.verl.hook.verl_vllm_engine_args`.
 Each engine below is built from those arguments, and its requests are what verl's agent loop
 sends (the DAS agent loop, with a mock server manager capturing the requests) turned into
 ``SamplingParams`` as verl's server does. Two engines, one after the other: DAS (from the
@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("verl")
 
 from das.default_model import ensure_default_model
-from das.verl_hook import (
+from das.verl.hook import (
     compose_verl_config,
     das_rollout_metrics,
     engine_kwargs_from_args,
@@ -74,7 +74,7 @@ def agent_loop_requests(config, prompts, sampling_params: list[dict[str, Any]]) 
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    from das.verl_agent_loop import DASSingleTurnAgentLoop
+    from das.verl.agent_loop import DASSingleTurnAgentLoop
 
     manager = CapturingServerManager()
 
@@ -137,7 +137,7 @@ async def run_das_server(engine_args, sampled: list[dict], greedy: list[dict]) -
     """Two sampled steps and a greedy one on DAS's rollout server; its stats around each."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from das.verl_server import DASvLLMHttpServer
+    from das.verl.server import DASvLLMHttpServer
 
     server = object.__new__(DASvLLMHttpServer)  # verl's constructor needs a Ray actor context
     server.engine = AsyncLLM.from_engine_args(engine_args)  # as verl's server starts it

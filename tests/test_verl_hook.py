@@ -20,13 +20,13 @@ pytest.importorskip("verl")
 
 from das.config import DASConfig
 from das.default_model import ensure_default_model
-from das.verl_hook import (
+from das.verl.hook import (
     compose_verl_config,
     das_rollout_metrics,
     engine_kwargs_from_args,
     verl_vllm_engine_args,
 )
-from das.verl_plugin import CONFIG_DIR, das_config_file
+from das.verl.resolvers import CONFIG_DIR, das_config_file
 from rollouts.trace import prompt_key_for
 
 # What a CPU machine and validate_config need on top of the recipe.
@@ -78,11 +78,11 @@ def test_recipe_composes_validates_and_reaches_vllm_engine_args(recipe) -> None:
     engine_args = verl_vllm_engine_args(recipe)
     assert engine_args.speculative_config == {
         "method": "custom_class",
-        "model": "das.vllm_proposer.DASProposer",
+        "model": "das.vllm.proposer.DASProposer",
         "num_speculative_tokens": 16,
     }
     assert engine_args.additional_config == {"das": DASConfig().to_dict()}
-    assert engine_args.worker_extension_cls == "das.verl_worker.DASColocateWorkerExtension"
+    assert engine_args.worker_extension_cls == "das.verl.worker.DASColocateWorkerExtension"
     kwargs = engine_kwargs_from_args(engine_args)
     assert kwargs["speculative_config"] == engine_args.speculative_config
     assert kwargs["model"] == engine_args.model
@@ -120,7 +120,7 @@ def test_plus_das_override_turns_das_on_in_plain_ppo_trainer(model_path: str) ->
     with_das = compose_verl_config([*base, "+das=default"], config_name="ppo_trainer")
     validate(with_das)
     engine_args = verl_vllm_engine_args(with_das)
-    assert engine_args.speculative_config["model"] == "das.vllm_proposer.DASProposer"
+    assert engine_args.speculative_config["model"] == "das.vllm.proposer.DASProposer"
     assert engine_args.additional_config["das"]["policy"] == "cost_model"
 
 
@@ -134,7 +134,7 @@ def test_config_file_resolver_names_das_files_and_rejects_others() -> None:
     with pytest.raises(ValueError, match=r"nope\.yaml"):
         das_config_file("nope.yaml")
     with pytest.raises(ValueError, match=r"\.\./"):
-        das_config_file("../verl_plugin.py")
+        das_config_file("../plugin.py")
 
 
 class MockServerManager:
@@ -155,7 +155,7 @@ def make_agent_loop(config, model_path: str, server_manager: MockServerManager):
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    from das.verl_agent_loop import DASSingleTurnAgentLoop
+    from das.verl.agent_loop import DASSingleTurnAgentLoop
 
     return DASSingleTurnAgentLoop(
         trainer_config=DictConfigWrap(config),
@@ -197,10 +197,10 @@ def test_agent_loop_sends_dataset_index_as_prompt_key_with_mock_server(
 
 
 def test_prompt_affine_router_keeps_prompts_on_one_replica_with_mock_replicas() -> None:
-    from das.verl_router import PromptAffineLoadBalancer
+    from das.verl.router import PromptAffineLoadBalancer
 
     servers = {"replica-0": "handle-0", "replica-1": "handle-1", "replica-2": "handle-2"}
-    router = PromptAffineLoadBalancer(servers, {"router_class": "das.verl_router.X"})
+    router = PromptAffineLoadBalancer(servers, {"router_class": "das.verl.router.X"})
     assert set(router.require_acquire_fields()) == {"prompt_ids", "sampling_params"}
 
     def params(key: str) -> dict:
@@ -275,8 +275,8 @@ def test_engine_kwargs_rebuild_equal_engine_args(recipe) -> None:
 @pytest.mark.parametrize(
     "entry",
     [
-        ["--config-path=pkg://das.verl_config", "--config-name=das_grpo"],
-        ["hydra.searchpath=[pkg://das.verl_config]", "+das=default"],
+        ["--config-path=pkg://das.verl.config", "--config-name=das_grpo"],
+        ["hydra.searchpath=[pkg://das.verl.config]", "+das=default"],
     ],
     ids=["recipe", "plus_das"],
 )
@@ -308,7 +308,7 @@ def test_documented_commands_compose_in_verls_main_ppo(entry: list[str], tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     config = yaml.safe_load(result.stdout)
     vllm_args = config["actor_rollout_ref"]["rollout"]["engine_kwargs"]["vllm"]
-    assert vllm_args["speculative_config"]["model"] == "das.vllm_proposer.DASProposer"
+    assert vllm_args["speculative_config"]["model"] == "das.vllm.proposer.DASProposer"
     assert vllm_args["additional_config"]["das"]["window_steps"] == 3
     assert (
         config["actor_rollout_ref"]["rollout"]["agent"]["default_agent_loop"] == "das_single_turn"

@@ -18,8 +18,8 @@ import pytest
 pytest.importorskip("verl")
 torch = pytest.importorskip("torch")
 
-from das.verl_hook import compose_verl_config, das_rollout_metrics  # noqa: E402
-from das.verl_metrics import DAS_METRICS_KEY, install_trainer_metrics  # noqa: E402
+from das.verl.hook import compose_verl_config, das_rollout_metrics  # noqa: E402
+from das.verl.metrics import DAS_METRICS_KEY, install_trainer_metrics  # noqa: E402
 
 
 class MockRayHandle:
@@ -92,8 +92,8 @@ def test_importing_manager_makes_vllm_replicas_serve_das_stats() -> None:
     from verl.workers.rollout.replica import get_rollout_replica_class
     from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer
 
-    import das.verl_manager  # noqa: F401  (verl imports it by path before starting replicas)
-    from das.verl_server import DASvLLMHttpServer, DASvLLMReplica
+    import das.verl.manager  # noqa: F401  (verl imports it by path before starting replicas)
+    from das.verl.server import DASvLLMHttpServer, DASvLLMReplica
 
     assert get_rollout_replica_class("vllm") is DASvLLMReplica
     assert issubclass(DASvLLMHttpServer, vLLMHttpServer)
@@ -101,7 +101,7 @@ def test_importing_manager_makes_vllm_replicas_serve_das_stats() -> None:
 
 
 def test_server_das_stats_returns_what_workers_return_and_survives_missing_rpc() -> None:
-    from das.verl_server import DASvLLMHttpServer
+    from das.verl.server import DASvLLMHttpServer
 
     server = object.__new__(DASvLLMHttpServer)  # verl's constructor needs a Ray actor context
     server.engine = MockServerEngine()
@@ -118,9 +118,9 @@ def test_server_das_stats_returns_what_workers_return_and_survives_missing_rpc()
 
 def test_manager_adds_step_metrics_from_every_replica_with_mock_ray_handles() -> None:
     """verl's own AgentLoopManager.generate_sequences runs; DAS's subclass adds its metrics."""
-    from das.verl_manager import DASAgentLoopManager
-    from das.verl_router import PromptAffineLoadBalancer
-    from das.verl_server import DASvLLMHttpServer
+    from das.verl.manager import DASAgentLoopManager
+    from das.verl.router import PromptAffineLoadBalancer
+    from das.verl.server import DASvLLMHttpServer
 
     engines = [MockServerEngine(), MockServerEngine()]
     servers = {}
@@ -154,7 +154,7 @@ def test_manager_adds_step_metrics_from_every_replica_with_mock_ray_handles() ->
 def test_manager_without_das_router_generates_without_das_metrics() -> None:
     from verl.workers.rollout.router import GlobalRequestLoadBalancer
 
-    from das.verl_manager import gather_das_stats
+    from das.verl.manager import gather_das_stats
 
     handle = MockRayHandle(GlobalRequestLoadBalancer({}))
     assert asyncio.run(gather_das_stats(handle)) is None

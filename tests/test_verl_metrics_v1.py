@@ -24,8 +24,8 @@ pytest.importorskip("verl")
 # a failure here, not a skip.
 import transfer_queue  # noqa: F401
 
-from das.verl_hook import compose_verl_config, das_rollout_metrics
-from das.verl_metrics import DASTrainerMetrics, install_v1_trainer_metrics
+from das.verl.hook import compose_verl_config, das_rollout_metrics
+from das.verl.metrics import DASTrainerMetrics, install_v1_trainer_metrics
 from tests.test_verl_metrics import MockRayHandle, MockServerEngine, worker_stats
 
 MODES = ("sync", "colocate_async", "separate_async")
@@ -40,7 +40,7 @@ SEPARATE_ASYNC = [  # what verl's separate_async constructor checks
 
 def das_server(engine: Any) -> Any:
     """DAS's rollout server over ``engine`` (verl's constructor needs a Ray actor context)."""
-    from das.verl_server import DASvLLMHttpServer
+    from das.verl.server import DASvLLMHttpServer
 
     server = object.__new__(DASvLLMHttpServer)
     server.engine = engine
@@ -117,7 +117,7 @@ def test_plugin_registers_das_trainer_for_every_v1_mode_when_verl_imports_them()
     import verl.trainer.ppo.v1 as v1
     from verl.trainer.ppo.v1 import get_trainer_cls, trainer_base
 
-    from das.verl_plugin import _InstallAfterExec
+    from das.verl.plugin import _InstallAfterExec
 
     # Installed by DAS's verl plugin as verl imported the package (not by this test).
     assert isinstance(sys.modules["verl.trainer.ppo.v1"].__spec__.loader, _InstallAfterExec)
@@ -140,7 +140,7 @@ def test_plugin_registers_das_trainer_for_every_v1_mode_when_verl_imports_them()
 def test_sync_step_logs_summed_per_server_differences_with_mock_ray_handles() -> None:
     from verl.workers.rollout.replica import get_rollout_replica_class
 
-    from das.verl_server import DASvLLMReplica
+    from das.verl.server import DASvLLMReplica
 
     trainer = v1_trainer("sync")
     assert get_rollout_replica_class("vllm") is DASvLLMReplica  # the constructor registered it
@@ -243,7 +243,7 @@ def test_unreadable_das_stats_warn_and_training_goes_on_with_mock_ray_handles(
     trainer.llm_server_manager = manager
     trainer.checkpoint_manager = MockCheckpointManager([])
 
-    with caplog.at_level(logging.WARNING, logger="das.verl_metrics"):
+    with caplog.at_level(logging.WARNING, logger="das.verl.metrics"):
         metrics = end_step(trainer)
     assert metrics == {}
     assert trainer.checkpoint_manager.updates == [1]

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from das.vllm_cpu_recovered import BLOCK, sample_excluding, sample_recovered_tokens  # noqa: E402
+from das.vllm.cpu_recovered import BLOCK, sample_excluding, sample_recovered_tokens  # noqa: E402
 
 
 def _skewed_probs(vocab: int, seed: int) -> torch.Tensor:

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from das.default_model import resolve_model
-from das.vllm_api import das_llm, das_stats
-from das.vllm_engine import chat_prompt_token_ids, make_llm
+from das.vllm.api import das_llm, das_stats
+from das.vllm.engine import chat_prompt_token_ids, make_llm
 from rollouts.prompts import format_gsm8k_messages, load_prompts
 
 pytestmark = pytest.mark.slow

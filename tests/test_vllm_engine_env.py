@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from das import vllm_engine
+from das.vllm import engine as vllm_engine
 
 
 @pytest.fixture

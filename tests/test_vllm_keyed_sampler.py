@@ -1,4 +1,4 @@
-"""Position-keyed sampling (das.vllm_keyed): the draw, its distribution, the verification rule,
+"""Position-keyed sampling (das.vllm.keyed): the draw, its distribution, the verification rule,
 and the vLLM seams it hooks (fast: no engine)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
-from das import vllm_keyed  # noqa: E402
-from das.vllm_keyed import (  # noqa: E402
+from das.vllm import keyed as vllm_keyed  # noqa: E402
+from das.vllm.keyed import (  # noqa: E402
     gumbel_argmax_from_uniforms,
     keyed_sample,
     keyed_verify,
@@ -271,7 +271,7 @@ def test_keyed_request_without_seed_is_refused_by_the_helper() -> None:
 def _cpu_kernels_registered() -> None:
     from vllm.platforms import current_platform
 
-    from das import vllm_plugin
+    from das.vllm import plugin as vllm_plugin
 
     current_platform.import_kernels()
     vllm_plugin.register()
@@ -351,8 +351,9 @@ current_platform.import_kernels()
 current_platform.register_triton_kernel_overrides()  # as a worker does before sampling
 import vllm.v1.worker.gpu_model_runner
 from vllm.v1.sample import rejection_sampler
-from das import vllm_keyed, vllm_plugin
-from das.vllm_keyed import keyed_sample, position_keys
+from das.vllm import keyed as vllm_keyed
+from das.vllm import plugin as vllm_plugin
+from das.vllm.keyed import keyed_sample, position_keys
 assert vllm_plugin.register()
 assert getattr(rejection_sampler.rejection_sample, "_das_keyed_forward", False)
 assert "position_keyed_sampler" in vllm_plugin.applied_patches()
@@ -440,7 +441,7 @@ def test_batch_sizes_arg_names_the_bad_value() -> None:
     """The measurement scripts' --batch-sizes parser."""
     import argparse
 
-    from das.vllm_sampling_inputs import batch_sizes_arg
+    from das.vllm.sampling_inputs import batch_sizes_arg
 
     assert batch_sizes_arg("2,5") == [2, 5]
     with pytest.raises(argparse.ArgumentTypeError, match="'0,3': every batch size"):

@@ -21,9 +21,9 @@ import time
 import pytest
 
 from das.default_model import resolve_model
-from das.vllm_api import das_llm, spec_decode_counters
-from das.vllm_engine import chat_prompt_token_ids, make_llm
-from das.vllm_keyed import position_keyed_params
+from das.vllm.api import das_llm, spec_decode_counters
+from das.vllm.engine import chat_prompt_token_ids, make_llm
+from das.vllm.keyed import position_keyed_params
 from rollouts.prompts import format_gsm8k_messages, load_prompts
 
 pytestmark = pytest.mark.slow

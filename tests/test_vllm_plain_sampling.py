@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from das import vllm_plugin
+from das.vllm import plugin as vllm_plugin
 from tests.vllm_subprocess import is_vllm_cpu
 
 
@@ -29,12 +29,12 @@ pytestmark = pytest.mark.skipif(
 SCRIPT = """
 import json
 import torch
-from das.vllm_sampling_inputs import (
+from das.vllm.sampling_inputs import (
     register_cpu_kernels, sampling_metadata, spec_decode_metadata, stand_in_runner,
     vllm_runner_sample)
 register_cpu_kernels()
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-from das import vllm_plugin
+from das.vllm import plugin as vllm_plugin
 
 VOCAB = 512
 vllm_sample = vllm_runner_sample()  # before the patch

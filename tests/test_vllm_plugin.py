@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
-from das import vllm_plugin  # noqa: E402
+from das.vllm import plugin as vllm_plugin  # noqa: E402
 from tests.vllm_subprocess import is_vllm_cpu  # noqa: E402
 
 
@@ -89,7 +89,7 @@ current_platform.import_kernels()
 current_platform.register_triton_kernel_overrides()  # as a worker does before any proposer
 import vllm.v1.worker.gpu_model_runner
 from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
-from das import vllm_plugin  # noqa: E402
+from das.vllm import plugin as vllm_plugin  # noqa: E402
 assert vllm_plugin.register()
 cu_num_tokens = torch.tensor([2, 5, 6], dtype=torch.int32)
 print(expand_batch_to_tokens(torch.tensor([0.5, 0.0, 2.0]), cu_num_tokens, 6, 0, 1).tolist())
@@ -110,7 +110,7 @@ def test_fix_applies_after_the_platform_registered_its_kernels() -> None:
 def test_rejection_sampler_uses_the_recovered_token_fix() -> None:
     from vllm.v1.sample import rejection_sampler
 
-    from das.vllm_cpu_recovered import sample_recovered_tokens
+    from das.vllm.cpu_recovered import sample_recovered_tokens
 
     vllm_plugin.register()
     assert "cpu_recovered_tokens" in vllm_plugin.applied_patches()

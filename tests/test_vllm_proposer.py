@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from das.vllm_api import das_speculative_config
-from das.vllm_proposer import DASProposer, classify_finish
+from das.vllm.api import das_speculative_config
+from das.vllm.proposer import DASProposer, classify_finish
 
 VOCAB = 1000
 EOS = 999
@@ -317,7 +317,7 @@ def test_das_speculative_config_is_exact_and_validated() -> None:
     settings = das_speculative_config({"window_steps": 3}, num_speculative_tokens=6)
     assert settings["speculative_config"] == {
         "method": "custom_class",
-        "model": "das.vllm_proposer.DASProposer",
+        "model": "das.vllm.proposer.DASProposer",
         "num_speculative_tokens": 6,
     }
     assert settings["additional_config"]["das"]["window_steps"] == 3
@@ -336,7 +336,7 @@ def test_proposer_rejects_unknown_keys_and_mismatched_k() -> None:
 
 
 def test_cost_observations_are_decode_steps_with_attended_kv_tokens() -> None:
-    from das.vllm_proposer import decode_step_attended_tokens
+    from das.vllm.proposer import decode_step_attended_tokens
 
     runner = SimpleNamespace(
         requests={
@@ -369,7 +369,7 @@ def test_cost_observations_are_decode_steps_with_attended_kv_tokens() -> None:
 
 
 def test_cpu_cost_prior_prices_verification_and_honours_the_profile_env(monkeypatch) -> None:
-    from das.vllm_proposer import CPU_DRAFT_COST, CPU_SPEC_REQUEST_COST, default_cost_prior
+    from das.vllm.proposer import CPU_DRAFT_COST, CPU_SPEC_REQUEST_COST, default_cost_prior
 
     monkeypatch.delenv("DAS_COST_PROFILE", raising=False)
     prior = default_cost_prior(on_cpu=True)

@@ -582,6 +582,14 @@ def format_table(results: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------- main
+def portable(path: Path) -> str:
+    """``path`` relative to the repository, else its file name: no machine paths in the JSON."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return path.name
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, < 60 s in total")
@@ -663,7 +671,7 @@ def run(args: argparse.Namespace) -> dict:
         speculate_fn(name, tree, args.min_token_prob)(workload.sequences[0][-20:], 8)
         time_removes(tree, [i for g in small.groups for i in g])
     results: dict = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {k: (portable(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "workload": {
             "source": workload.source,
             "num_prompts": len(workload.groups),

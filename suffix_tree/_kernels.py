@@ -1,6 +1,7 @@
-"""numba kernels of the suffix forest. Arrays and ints in, arrays and ints out; no Python objects.
+"""numba kernels of the suffix forest: the forest's record of arrays (``ForestState``, see
+``_state``), ints and arrays in; ints and arrays out; no other Python objects.
 
-Data layout (owned and grown by :class:`suffix_tree.forest.SuffixForest`):
+Data layout (the fields of the record, owned and grown by :class:`suffix_tree.forest.SuffixForest`):
 
 * ``nodes[int32, (capacity, NUM_FIELDS)]``: one row per node, the fields below. A tree is a root
   node; all trees of a forest share the node pool and the edge table.
@@ -10,10 +11,13 @@ Data layout (owned and grown by :class:`suffix_tree.forest.SuffixForest`):
 * ``meta[int64]``: counters, indexed by the ``M_*`` constants.
 * ``pool[int32]`` with ``seq_start[int64]`` / ``seq_len[int64]``: the tokens of every stored
   sequence, addressed by sequence slot.
+* ``seq_cap[int64]``: pool room reserved per slot; ``seq_root[int64]``: the slot's tree (-1: free).
 * ``active_node`` / ``active_depth[int32, (num_slots, max_depth)]``: per sequence, for each suffix
   that can still grow (start ``j`` among the last ``max_depth`` positions, ring index
   ``j % max_depth``),
   the deepest materialized node on its path and that node's depth.
+* ``draft_tokens`` / ``draft_probs``: the draft of :func:`speculate_one`; ``scratch_tokens`` /
+  ``scratch_probs``: the draft being walked. All four hold at least the largest budget asked for.
 
 Invariants (checked by :func:`recount_occurrences` through ``SuffixForest.check_integrity``):
 
@@ -53,6 +57,15 @@ M_LIVE_NODES = 2
 M_LIVE_EDGES = 3
 NUM_META = 4
 
+# Status of append_tokens.
+APPENDED = 0
+NEGATIVE_TOKEN = 1
+NEEDS_ROOM = 2
+
+# The edge table is kept at most EDGE_LOAD_NUM / EDGE_LOAD_DEN full.
+EDGE_LOAD_NUM = 3
+EDGE_LOAD_DEN = 5
+
 EMPTY = -1
 STALE = -2  # best_child not known since a removal (invariant 4)
 
@@ -81,41 +94,45 @@ def has_negative(tokens):
 
 
 @njit(cache=True)
-def find_child(edge_keys, edge_vals, parent, token):
+def find_child(state, parent, token):
     """Child of ``parent`` along ``token``, or -1."""
+    edge_keys = state.edge_keys
     mask = edge_keys.shape[0] - 1
     key = _edge_key(parent, token)
     i = _edge_slot(parent, token, mask)
     while True:
         k = edge_keys[i]
         if k == key:
-            return np.int64(edge_vals[i])
+            return np.int64(state.edge_vals[i])
         if k == EMPTY:
             return np.int64(-1)
         i = (i + 1) & mask
 
 
 @njit(cache=True)
-def _insert_edge(edge_keys, edge_vals, meta, parent, token, child):
+def _insert_edge(state, parent, token, child):
     # Precondition: the edge is absent and the table has a free slot.
+    edge_keys = state.edge_keys
     mask = edge_keys.shape[0] - 1
     i = _edge_slot(parent, token, mask)
     while edge_keys[i] != EMPTY:
         i = (i + 1) & mask
     edge_keys[i] = _edge_key(parent, token)
-    edge_vals[i] = child
-    meta[M_LIVE_EDGES] += 1
+    state.edge_vals[i] = child
+    state.meta[M_LIVE_EDGES] += 1
 
 
 @njit(cache=True)
-def _delete_edge(edge_keys, edge_vals, meta, parent, token):
+def _delete_edge(state, parent, token):
+    edge_keys = state.edge_keys
+    edge_vals = state.edge_vals
     mask = edge_keys.shape[0] - 1
     key = _edge_key(parent, token)
     i = _edge_slot(parent, token, mask)
     while edge_keys[i] != key:
         i = (i + 1) & mask
     edge_keys[i] = EMPTY
-    meta[M_LIVE_EDGES] -= 1
+    state.meta[M_LIVE_EDGES] -= 1
     # Backward-shift deletion: move later entries of the probe run into the hole when their
     # home slot does not lie cyclically in (hole, j].
     j = i
@@ -148,8 +165,10 @@ def rehash(old_keys, old_vals, new_keys, new_vals):
 
 
 @njit(cache=True)
-def alloc_node(nodes, meta, token, ref_seq, ref_pos):
+def alloc_node(state, token, ref_seq, ref_pos):
     """Take a node from the free list or the end of the pool; count 0, no children."""
+    nodes = state.nodes
+    meta = state.meta
     node = meta[M_FREE_HEAD]
     if node >= 0:
         meta[M_FREE_HEAD] = nodes[node, F_NEXT_SIBLING]
@@ -168,9 +187,10 @@ def alloc_node(nodes, meta, token, ref_seq, ref_pos):
 
 
 @njit(cache=True)
-def free_node(nodes, meta, node):
-    nodes[node, F_COUNT] = -1
-    nodes[node, F_NEXT_SIBLING] = meta[M_FREE_HEAD]
+def free_node(state, node):
+    meta = state.meta
+    state.nodes[node, F_COUNT] = -1
+    state.nodes[node, F_NEXT_SIBLING] = meta[M_FREE_HEAD]
     meta[M_FREE_HEAD] = node
     meta[M_LIVE_NODES] -= 1
 
@@ -197,12 +217,13 @@ def _rescan_best_child(nodes, parent):
 
 
 @njit(cache=True)
-def _add_child(nodes, edge_keys, edge_vals, meta, parent, token, ref_seq, ref_pos):
-    child = alloc_node(nodes, meta, token, ref_seq, ref_pos)
+def _add_child(state, parent, token, ref_seq, ref_pos):
+    nodes = state.nodes
+    child = alloc_node(state, token, ref_seq, ref_pos)
     nodes[child, F_COUNT] = 1
     nodes[child, F_NEXT_SIBLING] = nodes[parent, F_FIRST_CHILD]
     nodes[parent, F_FIRST_CHILD] = child
-    _insert_edge(edge_keys, edge_vals, meta, parent, token, child)
+    _insert_edge(state, parent, token, child)
     best = nodes[parent, F_BEST_CHILD]
     if best != STALE and _is_better(nodes, child, best):
         nodes[parent, F_BEST_CHILD] = child
@@ -210,7 +231,8 @@ def _add_child(nodes, edge_keys, edge_vals, meta, parent, token, ref_seq, ref_po
 
 
 @njit(cache=True)
-def _unlink_child(nodes, edge_keys, edge_vals, meta, parent, child):
+def _unlink_child(state, parent, child):
+    nodes = state.nodes
     prev = -1
     cur = nodes[parent, F_FIRST_CHILD]
     while cur != child:
@@ -220,7 +242,7 @@ def _unlink_child(nodes, edge_keys, edge_vals, meta, parent, child):
         nodes[parent, F_FIRST_CHILD] = nodes[child, F_NEXT_SIBLING]
     else:
         nodes[prev, F_NEXT_SIBLING] = nodes[child, F_NEXT_SIBLING]
-    _delete_edge(edge_keys, edge_vals, meta, parent, nodes[child, F_TOKEN])
+    _delete_edge(state, parent, nodes[child, F_TOKEN])
 
 
 @njit(cache=True, inline="always")
@@ -229,28 +251,47 @@ def _is_chain_head(nodes, node, root):
 
 
 @njit(cache=True)
-def append_tokens(
-    nodes,
-    edge_keys,
-    edge_vals,
-    meta,
-    pool,
-    seq_start,
-    seq_len,
-    active_node,
-    active_depth,
-    seq,
-    root,
-    new_tokens,
-    max_depth,
-):
-    """Append ``new_tokens`` to sequence slot ``seq`` of the tree at ``root``.
+def has_room(state, seq, num_tokens):
+    """Whether :func:`append_tokens` of ``num_tokens`` to slot ``seq`` fits without growth:
+    pool room reserved for the sequence, and room for the worst case of ``2 * max_depth`` new
+    nodes and edges per token, the edge table staying at most EDGE_LOAD_NUM / EDGE_LOAD_DEN
+    full."""
+    if state.seq_len[seq] + num_tokens > state.seq_cap[seq]:
+        return False
+    extra = 2 * state.max_depth * num_tokens
+    meta = state.meta
+    if meta[M_HIGH_WATER] + extra > state.nodes.shape[0]:
+        return False
+    return (meta[M_LIVE_EDGES] + extra) * EDGE_LOAD_DEN <= EDGE_LOAD_NUM * state.edge_keys.shape[0]
 
-    Preconditions (ensured by the caller): the pool has room for the tokens past
-    ``seq_start[seq] + seq_len[seq]``; the node pool and the edge table have room for
-    ``2 * max_depth * len(new_tokens)`` more entries.
+
+@njit(cache=True)
+def append_tokens(state, seq, new_tokens):
+    """Append ``new_tokens`` to sequence slot ``seq`` if they are valid and fit.
+
+    Returns APPENDED, or NEGATIVE_TOKEN / NEEDS_ROOM with nothing changed (the caller raises,
+    or grows the arrays with :func:`has_room` as the rule, then calls again).
     """
-    start = seq_start[seq]
+    for t in new_tokens:
+        if t < 0:
+            return NEGATIVE_TOKEN
+    if not has_room(state, seq, new_tokens.shape[0]):
+        return NEEDS_ROOM
+    _append(state, seq, new_tokens)
+    return APPENDED
+
+
+@njit(cache=True)
+def _append(state, seq, new_tokens):
+    # Precondition: has_room(state, seq, len(new_tokens)).
+    nodes = state.nodes
+    pool = state.pool
+    seq_len = state.seq_len
+    active_node = state.active_node
+    active_depth = state.active_depth
+    max_depth = state.max_depth
+    root = state.seq_root[seq]
+    start = state.seq_start[seq]
     for t in new_tokens:
         n = seq_len[seq]
         pool[start + n] = t
@@ -268,7 +309,7 @@ def append_tokens(
             # Nodes on our path may have been materialized by other occurrences since we last
             # looked: descend to the deepest one (amortized O(1), each step is permanent).
             while depth < end_depth and nodes[node, F_FIRST_CHILD] >= 0:
-                child = find_child(edge_keys, edge_vals, node, pool[start + j + depth])
+                child = find_child(state, node, pool[start + j + depth])
                 if child < 0:
                     break
                 node = child
@@ -282,9 +323,9 @@ def append_tokens(
                 nodes[node, F_REF_SEQ] = seq
                 nodes[node, F_REF_POS] = n
                 continue
-            child = find_child(edge_keys, edge_vals, node, t)
+            child = find_child(state, node, t)
             if child < 0:
-                child = _add_child(nodes, edge_keys, edge_vals, meta, node, t, seq, n + 1)
+                child = _add_child(state, node, t, seq, n + 1)
             else:
                 was_chain_head = _is_chain_head(nodes, child, root)
                 nodes[child, F_COUNT] += 1
@@ -296,66 +337,65 @@ def append_tokens(
                     ref_seq = nodes[child, F_REF_SEQ]
                     ref_pos = nodes[child, F_REF_POS]
                     if ref_seq >= 0 and ref_pos < seq_len[ref_seq] and end_depth + 2 <= max_depth:
-                        _add_child(
-                            nodes,
-                            edge_keys,
-                            edge_vals,
-                            meta,
-                            child,
-                            pool[seq_start[ref_seq] + ref_pos],
-                            ref_seq,
-                            ref_pos + 1,
-                        )
+                        token = pool[state.seq_start[ref_seq] + ref_pos]
+                        _add_child(state, child, token, ref_seq, ref_pos + 1)
                     nodes[child, F_REF_SEQ] = -1
             active_node[seq, ring] = child
             active_depth[seq, ring] = end_depth + 1
 
 
 @njit(cache=True)
-def remove_sequence(
-    nodes,
-    edge_keys,
-    edge_vals,
-    meta,
-    pool,
-    seq_start,
-    seq_len,
-    seq,
-    root,
-    max_depth,
-):
-    """Remove every occurrence of sequence slot ``seq`` from the tree at ``root``."""
-    start = seq_start[seq]
-    length = seq_len[seq]
+def append_rows(state, slots, tokens, offsets):
+    """Append ``tokens[offsets[i]:offsets[i + 1]]`` to sequence slot ``slots[i]``, for every i.
+
+    Precondition (ensured by the caller): room for all rows together, as :func:`has_room`
+    counts it.
+    """
+    for i in range(slots.shape[0]):
+        if offsets[i + 1] > offsets[i]:
+            _append(state, slots[i], tokens[offsets[i] : offsets[i + 1]])
+
+
+@njit(cache=True)
+def remove_sequence(state, seq):
+    """Remove every occurrence of sequence slot ``seq`` from its tree."""
+    nodes = state.nodes
+    pool = state.pool
+    max_depth = state.max_depth
+    root = state.seq_root[seq]
+    start = state.seq_start[seq]
+    length = state.seq_len[seq]
     for j in range(length):
         nodes[root, F_COUNT] -= 1
         node = root
         for p in range(j, min(length, j + max_depth)):
-            child = find_child(edge_keys, edge_vals, node, pool[start + p])
+            child = find_child(state, node, pool[start + p])
             if child < 0:
                 break  # the rest of this suffix was implicit below a chain head we freed
             remaining = nodes[child, F_COUNT] - 1
             nodes[child, F_COUNT] = remaining
             if remaining == 0:
-                _unlink_child(nodes, edge_keys, edge_vals, meta, node, child)
+                _unlink_child(state, node, child)
                 # Freed nodes are not reused during this call, so walking on through `child`
                 # (whose own edges are still in the table) stays valid.
-                free_node(nodes, meta, child)
+                free_node(state, child)
             # A node that falls back to count 1 and loses its children becomes a chain head
             # with ref_seq == -1 (invariant 5): its remaining occurrence ends at it.
             if nodes[node, F_BEST_CHILD] == child:
                 nodes[node, F_BEST_CHILD] = STALE  # rescanned when a draft reads it
             node = child
-    seq_len[seq] = 0
+    state.seq_len[seq] = 0
 
 
 @njit(cache=True)
-def match_context(nodes, edge_keys, edge_vals, pool, seq_start, seq_len, root, context, lo, hi):
+def match_context(state, root, context, lo, hi):
     """Walk ``context[lo:hi]`` from ``root``. Returns (node, implicit_depth), node -1 if absent.
 
     ``implicit_depth`` > 0 means the position lies that many tokens below chain head ``node``.
     The caller keeps ``hi - lo <= max_depth``.
     """
+    nodes = state.nodes
+    seq_len = state.seq_len
     node = root
     implicit = 0
     for i in range(lo, hi):
@@ -363,11 +403,13 @@ def match_context(nodes, edge_keys, edge_vals, pool, seq_start, seq_len, root, c
         if implicit > 0 or _is_chain_head(nodes, node, root):
             ref_seq = nodes[node, F_REF_SEQ]
             pos = nodes[node, F_REF_POS] + implicit
-            if ref_seq < 0 or pos >= seq_len[ref_seq] or pool[seq_start[ref_seq] + pos] != t:
+            if ref_seq < 0 or pos >= seq_len[ref_seq]:
+                return np.int64(-1), np.int64(0)
+            if state.pool[state.seq_start[ref_seq] + pos] != t:
                 return np.int64(-1), np.int64(0)
             implicit += 1
         else:
-            child = find_child(edge_keys, edge_vals, node, t)
+            child = find_child(state, node, t)
             if child < 0:
                 return np.int64(-1), np.int64(0)
             node = child
@@ -375,22 +417,14 @@ def match_context(nodes, edge_keys, edge_vals, pool, seq_start, seq_len, root, c
 
 
 @njit(cache=True)
-def _walk_draft(
-    nodes,
-    pool,
-    seq_start,
-    seq_len,
-    root,
-    node,
-    implicit,
-    depth,
-    max_depth,
-    max_tokens,
-    min_token_prob,
-    out_tokens,
-    out_probs,
-):
-    # Greedy walk down the most frequent children; returns (num_tokens, score).
+def _walk_draft(state, root, node, implicit, depth, max_tokens, min_token_prob):
+    # Greedy walk down the most frequent children into the scratch buffers; returns
+    # (num_tokens, score).
+    nodes = state.nodes
+    seq_len = state.seq_len
+    out_tokens = state.scratch_tokens
+    out_probs = state.scratch_probs
+    max_depth = state.max_depth
     cumulative = 1.0
     score = 0.0
     num = 0
@@ -400,7 +434,7 @@ def _walk_draft(
             pos = nodes[node, F_REF_POS] + implicit
             if ref_seq < 0 or pos >= seq_len[ref_seq]:
                 break
-            token = pool[seq_start[ref_seq] + pos]
+            token = state.pool[state.seq_start[ref_seq] + pos]
             prob = 1.0
             implicit += 1
         else:
@@ -425,32 +459,18 @@ def _walk_draft(
 
 
 @njit(cache=True)
-def speculate(
-    nodes,
-    edge_keys,
-    edge_vals,
-    pool,
-    seq_start,
-    seq_len,
-    root,
-    context,
-    max_depth,
-    max_tokens,
-    min_token_prob,
-    max_spec_factor,
-    out_tokens,
-    out_probs,
-    scratch_tokens,
-    scratch_probs,
+def _speculate(
+    state, root, context, max_tokens, min_token_prob, max_spec_factor, out_tokens, out_probs
 ):
-    """Best draft over every suffix match length of ``context``.
+    """Best draft over every suffix match length of ``context`` (``len(context) <= max_depth``).
 
     For each match length m (1 <= m <= max_depth, the last m tokens occurring in the tree),
     walk the most frequent continuation (at most ``min(max_tokens, m * max_spec_factor)``
     tokens, stopping when the cumulative probability falls below ``min_token_prob`` or at depth
     ``max_depth``). The draft with the highest score (sum of cumulative probabilities) wins;
     ties go to the longer match. Returns (num_tokens, match_len, score); the draft is written to
-    ``out_tokens`` / ``out_probs`` (per-token conditional probabilities).
+    ``out_tokens`` / ``out_probs`` (per-token conditional probabilities). Precondition: the
+    state's scratch buffers hold ``max_tokens``.
 
     Same result as trying m = 1, 2, ... in turn, with less work: occurrence is monotone in m
     (a suffix that occurs has all its suffixes occurring), so the longest match is found by
@@ -459,23 +479,13 @@ def speculate(
     strictly are skipped, and once ``min(max_tokens, m * max_spec_factor)`` cannot, no shorter
     length can either.
     """
+    max_depth = state.max_depth
     length = context.shape[0]
     low = 0  # longest length known to match (0 always does)
     high = min(length, max_depth)
     while low < high:
         mid = (low + high + 1) // 2
-        node, implicit = match_context(
-            nodes,
-            edge_keys,
-            edge_vals,
-            pool,
-            seq_start,
-            seq_len,
-            root,
-            context,
-            length - mid,
-            length,
-        )
+        node, implicit = match_context(state, root, context, length - mid, length)
         if node >= 0:
             low = mid
         else:
@@ -490,39 +500,14 @@ def speculate(
             break
         if not first and min(budget, max_depth - match_len) <= best_score:
             continue
-        node, implicit = match_context(
-            nodes,
-            edge_keys,
-            edge_vals,
-            pool,
-            seq_start,
-            seq_len,
-            root,
-            context,
-            length - match_len,
-            length,
-        )
-        num, score = _walk_draft(
-            nodes,
-            pool,
-            seq_start,
-            seq_len,
-            root,
-            node,
-            implicit,
-            match_len,
-            max_depth,
-            budget,
-            min_token_prob,
-            scratch_tokens,
-            scratch_probs,
-        )
+        node, implicit = match_context(state, root, context, length - match_len, length)
+        num, score = _walk_draft(state, root, node, implicit, match_len, budget, min_token_prob)
         if first or score > best_score:
             best_score = score
             best_match = match_len
             best_num = num
-            out_tokens[:num] = scratch_tokens[:num]
-            out_probs[:num] = scratch_probs[:num]
+            out_tokens[:num] = state.scratch_tokens[:num]
+            out_probs[:num] = state.scratch_probs[:num]
         first = False
     if best_score < 0.0:
         best_score = 0.0
@@ -530,27 +515,91 @@ def speculate(
 
 
 @njit(cache=True)
-def recount_occurrences(
-    nodes,
-    edge_keys,
-    edge_vals,
-    pool,
-    seq_start,
-    seq_len,
-    seq_root,
-    seq_alive,
-    max_depth,
-    visits,
+def speculate_one(state, root, context, max_tokens, min_token_prob, max_spec_factor):
+    """:func:`_speculate` on the last ``max_depth`` tokens of ``context``, the draft written to
+    the state's ``draft_tokens`` / ``draft_probs``; returns (num_tokens, match_len, score).
+
+    The per-call entry point: one boxed argument for the tree, three numbers back. A negative
+    token in ``context`` returns match_len -1 and no draft (the caller raises). Precondition:
+    the draft buffers hold ``max_tokens``.
+    """
+    for i in range(context.shape[0]):
+        if context[i] < 0:
+            return 0, -1, 0.0
+    begin = max(0, context.shape[0] - state.max_depth)
+    return _speculate(
+        state,
+        root,
+        context[begin:],
+        max_tokens,
+        min_token_prob,
+        max_spec_factor,
+        state.draft_tokens,
+        state.draft_probs,
+    )
+
+
+@njit(cache=True)
+def speculate_rows(
+    state,
+    roots,
+    context_slots,
+    max_tokens,
+    min_token_prob,
+    max_spec_factor,
+    out_tokens,
+    out_probs,
+    out_num,
+    out_score,
+    out_match,
 ):
+    """Row i: :func:`_speculate` in the tree at ``roots[i]`` with the context taken from the last
+    ``max_depth`` tokens of sequence slot ``context_slots[i]``. A negative root or a budget of 0
+    gives an empty draft. Precondition: the scratch buffers hold ``max(max_tokens)``."""
+    seq_start = state.seq_start
+    for i in range(roots.shape[0]):
+        out_num[i] = 0
+        out_score[i] = 0.0
+        out_match[i] = 0
+        root = roots[i]
+        if root < 0 or max_tokens[i] <= 0:
+            continue
+        slot = context_slots[i]
+        end = seq_start[slot] + state.seq_len[slot]
+        begin = max(seq_start[slot], end - state.max_depth)
+        if end == begin:
+            continue
+        num, match_len, score = _speculate(
+            state,
+            root,
+            state.pool[begin:end],
+            max_tokens[i],
+            min_token_prob,
+            max_spec_factor,
+            out_tokens[i],
+            out_probs[i],
+        )
+        out_num[i] = num
+        out_score[i] = score
+        out_match[i] = match_len
+
+
+@njit(cache=True)
+def recount_occurrences(state, visits):
     """Re-walk every suffix of every live sequence, counting visits per materialized node.
 
     Returns -1 if all walks succeed, else the slot of the first sequence whose path is missing.
     Integrity holds when ``visits`` then equals ``count`` for every live node (invariant 1).
     """
-    for seq in range(seq_alive.shape[0]):
-        if not seq_alive[seq]:
+    nodes = state.nodes
+    pool = state.pool
+    seq_start = state.seq_start
+    seq_len = state.seq_len
+    max_depth = state.max_depth
+    for seq in range(state.seq_alive.shape[0]):
+        if not state.seq_alive[seq]:
             continue
-        root = seq_root[seq]
+        root = state.seq_root[seq]
         start = seq_start[seq]
         length = seq_len[seq]
         for j in range(length):
@@ -568,158 +617,9 @@ def recount_occurrences(
                         return seq
                     implicit += 1
                 else:
-                    child = find_child(edge_keys, edge_vals, node, t)
+                    child = find_child(state, node, t)
                     if child < 0:
                         return seq
                     node = child
                     visits[node] += 1
     return -1
-
-
-@njit(cache=True)
-def append_rows(
-    nodes,
-    edge_keys,
-    edge_vals,
-    meta,
-    pool,
-    seq_start,
-    seq_len,
-    seq_root,
-    active_node,
-    active_depth,
-    slots,
-    tokens,
-    offsets,
-    max_depth,
-):
-    """Append ``tokens[offsets[i]:offsets[i + 1]]`` to sequence slot ``slots[i]``, for every i.
-
-    Same preconditions as :func:`append_tokens`, for all rows together.
-    """
-    for i in range(slots.shape[0]):
-        if offsets[i + 1] > offsets[i]:
-            slot = slots[i]
-            append_tokens(
-                nodes,
-                edge_keys,
-                edge_vals,
-                meta,
-                pool,
-                seq_start,
-                seq_len,
-                active_node,
-                active_depth,
-                slot,
-                seq_root[slot],
-                tokens[offsets[i] : offsets[i + 1]],
-                max_depth,
-            )
-
-
-@njit(cache=True)
-def speculate_rows(
-    nodes,
-    edge_keys,
-    edge_vals,
-    pool,
-    seq_start,
-    seq_len,
-    roots,
-    context_slots,
-    max_tokens,
-    max_depth,
-    min_token_prob,
-    max_spec_factor,
-    out_tokens,
-    out_probs,
-    out_num,
-    out_score,
-    out_match,
-    scratch_tokens,
-    scratch_probs,
-):
-    """Row i: :func:`speculate` in the tree at ``roots[i]`` with the context taken from the last
-    ``max_depth`` tokens of sequence slot ``context_slots[i]``. A negative root or a budget of 0
-    gives an empty draft."""
-    for i in range(roots.shape[0]):
-        out_num[i] = 0
-        out_score[i] = 0.0
-        out_match[i] = 0
-        root = roots[i]
-        if root < 0 or max_tokens[i] <= 0:
-            continue
-        slot = context_slots[i]
-        end = seq_start[slot] + seq_len[slot]
-        begin = max(seq_start[slot], end - max_depth)
-        if end == begin:
-            continue
-        num, match_len, score = speculate(
-            nodes,
-            edge_keys,
-            edge_vals,
-            pool,
-            seq_start,
-            seq_len,
-            root,
-            pool[begin:end],
-            max_depth,
-            max_tokens[i],
-            min_token_prob,
-            max_spec_factor,
-            out_tokens[i],
-            out_probs[i],
-            scratch_tokens,
-            scratch_probs,
-        )
-        out_num[i] = num
-        out_score[i] = score
-        out_match[i] = match_len
-
-
-@njit(cache=True)
-def speculate_one(
-    nodes,
-    edge_keys,
-    edge_vals,
-    pool,
-    seq_start,
-    seq_len,
-    root,
-    context,
-    max_depth,
-    max_tokens,
-    min_token_prob,
-    max_spec_factor,
-):
-    """:func:`speculate` returning fresh arrays ``(tokens, probs, match_len, score)``.
-
-    Fewer arguments and no copies on the Python side: the per-call entry point. A negative
-    token in ``context`` returns match_len -1 and no draft (the caller raises).
-    """
-    for i in range(context.shape[0]):
-        if context[i] < 0:
-            return np.empty(0, np.int32), np.empty(0, np.float64), -1, 0.0
-    out_tokens = np.empty(max_tokens, np.int32)
-    out_probs = np.empty(max_tokens, np.float64)
-    scratch_tokens = np.empty(max_tokens, np.int32)
-    scratch_probs = np.empty(max_tokens, np.float64)
-    num, match_len, score = speculate(
-        nodes,
-        edge_keys,
-        edge_vals,
-        pool,
-        seq_start,
-        seq_len,
-        root,
-        context,
-        max_depth,
-        max_tokens,
-        min_token_prob,
-        max_spec_factor,
-        out_tokens,
-        out_probs,
-        scratch_tokens,
-        scratch_probs,
-    )
-    return out_tokens[:num], out_probs[:num], match_len, score

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from suffix_tree import _kernels as K
+from suffix_tree._state import FIELDS, ForestState, array_addresses, entry_point
 from suffix_tree.draft import Draft, DraftBatch
 from suffix_tree.validation import check_positive_int, check_probability, to_token_array
 
@@ -17,8 +18,13 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_DEPTH = 24
 _APPEND_CHUNK = 256  # bounds the worst-case node reservation of one kernel call
-_MAX_EDGE_LOAD = 0.6
 _NO_FACTOR_LIMIT = 1e9
+_INT32 = np.dtype(np.int32)
+# Shared by every empty draft (a Draft is read-only; these cannot be written).
+_NO_TOKENS = np.zeros(0, np.int32)
+_NO_TOKENS.flags.writeable = False
+_NO_PROBS = np.zeros(0, np.float64)
+_NO_PROBS.flags.writeable = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +83,21 @@ class SuffixForest:
         self._tree_of_seq: dict[Hashable, Hashable] = {}
         self._root_of: dict[Hashable, int] = {}
         self._seqs_in_tree: dict[Hashable, set[Hashable]] = {}
+        self._draft_tokens = np.zeros(64, dtype=np.int32)
+        self._draft_probs = np.zeros(64, dtype=np.float64)
         self._scratch_tokens = np.zeros(64, dtype=np.int32)
         self._scratch_probs = np.zeros(64, dtype=np.float64)
+        self._draft_capacity = 64  # length of the four draft buffers
+        self._state = self._build_state()
         warm_up_kernels()
+        # The two per-call kernels, called without numba's argument typing (see entry_point).
+        self._append_tokens = entry_point(K.append_tokens)
+        self._speculate_one = entry_point(K.speculate_one)
+
+    def _build_state(self) -> ForestState:
+        """The record of the current arrays that every kernel takes. Invariant: rebuilt
+        (``self._state = self._build_state()``) right after any array attribute is replaced."""
+        return ForestState(*(getattr(self, "_" + name) for name in FIELDS[:-1]), self.max_depth)
 
     # ----------------------------------------------------------------------------- trees
     @property
@@ -97,7 +115,7 @@ class SuffixForest:
         root = self._root_of.get(tree)
         if root is None:
             self._reserve_nodes(1)
-            root = int(K.alloc_node(self._nodes, self._meta, -1, -1, 0))
+            root = int(K.alloc_node(self._state, -1, -1, 0))
             self._root_of[tree] = root
             self._seqs_in_tree[tree] = set()
         return root
@@ -108,7 +126,7 @@ class SuffixForest:
             raise ValueError(f"tree={tree!r} is not in this forest")
         for seq_id in list(self._seqs_in_tree[tree]):
             self.remove(seq_id)
-        K.free_node(self._nodes, self._meta, self._root_of.pop(tree))
+        K.free_node(self._state, self._root_of.pop(tree))
         del self._seqs_in_tree[tree]
 
     # ------------------------------------------------------------------------- sequences
@@ -128,55 +146,41 @@ class SuffixForest:
 
         O(max_depth) amortized per token. ``tree`` must match the sequence's tree if it exists.
         """
-        array = to_token_array(tokens, "tokens")
+        # Fast path, one kernel call: a C-contiguous, writeable, aligned int32 array (the exact
+        # type the kernel is compiled for) that fits the arrays as they are; the kernel checks
+        # for negative tokens and room itself and changes nothing when it refuses.
         slot = self._slot_of.get(seq_id)
         if slot is None:
+            array = to_token_array(tokens, "tokens")  # checked before the sequence exists
             slot = self._new_sequence(seq_id, tree)
-        elif self._tree_of_seq[seq_id] != tree:
-            raise ValueError(
-                f"seq_id={seq_id!r} belongs to tree={self._tree_of_seq[seq_id]!r}, "
-                f"not tree={tree!r}"
-            )
-        if array.size == 0:
+        else:
+            if self._tree_of_seq[seq_id] != tree:
+                raise ValueError(
+                    f"seq_id={seq_id!r} belongs to tree={self._tree_of_seq[seq_id]!r}, "
+                    f"not tree={tree!r}"
+                )
+            fast = type(tokens) is np.ndarray and tokens.dtype is _INT32 and tokens.ndim == 1
+            if fast and not tokens.flags.carray:
+                fast = False
+            array = tokens if fast else to_token_array(tokens, "tokens")
+        status = self._append_tokens(self._state, slot, array)
+        if status == K.APPENDED:
             return
-        root = self._root_of[tree]
+        if status == K.NEGATIVE_TOKEN:
+            to_token_array(array.copy(), "tokens")  # raises, naming the negative token
         for begin in range(0, array.size, _APPEND_CHUNK):
             chunk = array[begin : begin + _APPEND_CHUNK]
             self._reserve_sequence(slot, chunk.size)
             self._reserve_nodes(2 * self.max_depth * chunk.size)
-            K.append_tokens(
-                self._nodes,
-                self._edge_keys,
-                self._edge_vals,
-                self._meta,
-                self._pool,
-                self._seq_start,
-                self._seq_len,
-                self._active_node,
-                self._active_depth,
-                slot,
-                root,
-                chunk,
-                self.max_depth,
-            )
+            status = K.append_tokens(self._state, slot, chunk)
+            assert status == K.APPENDED, f"append kernel refused a reserved chunk: {status}"
 
     def remove(self, seq_id: Hashable) -> None:
         """Remove all occurrences of ``seq_id`` from its tree (O(length * max_depth))."""
         slot = self._slot(seq_id)
         tree = self._tree_of_seq.pop(seq_id)
         del self._slot_of[seq_id]
-        K.remove_sequence(
-            self._nodes,
-            self._edge_keys,
-            self._edge_vals,
-            self._meta,
-            self._pool,
-            self._seq_start,
-            self._seq_len,
-            slot,
-            self._root_of[tree],
-            self.max_depth,
-        )
+        K.remove_sequence(self._state, slot)
         self._pool_live -= int(self._seq_cap[slot])
         self._seq_cap[slot] = 0
         self._seq_alive[slot] = False
@@ -222,9 +226,13 @@ class SuffixForest:
         drops below ``min_token_prob``, or at depth ``max_depth``. The best score wins, ties to
         the longer match. An empty context or an unknown/empty tree gives an empty draft.
         """
-        # Fast checks for the usual argument types; anything else takes the validating helpers.
-        if type(max_tokens) is not int or max_tokens <= 0:
+        # The per-call path: cheap checks for the usual argument types, anything else takes the
+        # validating helpers; the kernel checks for negative tokens and keeps the last max_depth
+        # tokens itself, and writes the draft into the forest's draft buffers.
+        if type(max_tokens) is not int or not 0 < max_tokens <= self._draft_capacity:
             max_tokens = check_positive_int(max_tokens, "max_tokens")
+            if max_tokens > self._draft_capacity:
+                self._grow_draft_buffers(max_tokens)
         if type(min_token_prob) is not float or not 0.0 <= min_token_prob <= 1.0:
             min_token_prob = check_probability(min_token_prob, "min_token_prob")
         if max_spec_factor is None:
@@ -233,34 +241,27 @@ class SuffixForest:
             factor = float(max_spec_factor)
             if not factor > 0:
                 raise ValueError(f"max_spec_factor={max_spec_factor} must be > 0")
-        if type(context) is np.ndarray and context.dtype == np.int32 and context.ndim == 1:
-            flags = context.flags  # the kernel's own layout; it checks for negatives itself
-            fast = flags.c_contiguous and flags.writeable and flags.aligned
-        else:
-            fast = False
-        array = context if fast else to_token_array(context, "context")
+        # Only the kernel's own array type (C-contiguous, writeable, aligned int32) goes as is.
+        if (
+            type(context) is not np.ndarray
+            or context.dtype is not _INT32
+            or context.ndim != 1
+            or not context.flags.carray
+        ):
+            context = to_token_array(context, "context")
         root = self._root_of.get(tree)
-        if root is None or array.size == 0:
+        if root is None:
             return Draft.empty()
-        if array.size > self.max_depth:
-            array = array[-self.max_depth :]
-        tokens, probs, match_len, score = K.speculate_one(
-            self._nodes,
-            self._edge_keys,
-            self._edge_vals,
-            self._pool,
-            self._seq_start,
-            self._seq_len,
-            root,
-            array,
-            self.max_depth,
-            max_tokens,
-            min_token_prob,
-            factor,
+        num, match_len, score = self._speculate_one(
+            self._state, root, context, max_tokens, min_token_prob, factor
         )
+        if num:
+            return Draft(
+                self._draft_tokens[:num].copy(), self._draft_probs[:num].copy(), score, match_len
+            )
         if match_len < 0:
-            to_token_array(array.copy(), "context")  # raises, naming the negative token
-        return Draft(tokens, probs, score, match_len)
+            to_token_array(context.copy(), "context")  # raises, naming the negative token
+        return Draft(_NO_TOKENS, _NO_PROBS, score, match_len)
 
     # ---------------------------------------------------------------------- batch APIs
     # Handles are the internal ints behind ids: a sequence's slot (valid until it is removed) and
@@ -300,22 +301,7 @@ class SuffixForest:
 
     def _append_rows(self, slots: np.ndarray, tokens: np.ndarray, offsets: np.ndarray) -> None:
         self._reserve_nodes(2 * self.max_depth * int(offsets[-1] - offsets[0]))
-        K.append_rows(
-            self._nodes,
-            self._edge_keys,
-            self._edge_vals,
-            self._meta,
-            self._pool,
-            self._seq_start,
-            self._seq_len,
-            self._seq_root,
-            self._active_node,
-            self._active_depth,
-            slots,
-            tokens,
-            offsets,
-            self.max_depth,
-        )
+        K.append_rows(self._state, slots, tokens, offsets)
 
     def speculate_many(
         self,
@@ -340,7 +326,7 @@ class SuffixForest:
         check_probability(min_token_prob, "min_token_prob")
         factor = _NO_FACTOR_LIMIT if max_spec_factor is None else float(max_spec_factor)
         width = int(max_tokens.max()) if rows else 0
-        if width > self._scratch_tokens.shape[0]:
+        if width > self._draft_capacity:
             self._grow_draft_buffers(width)
         batch = DraftBatch(
             tokens=np.zeros((rows, width), dtype=np.int32),
@@ -351,16 +337,10 @@ class SuffixForest:
         )
         if rows:
             K.speculate_rows(
-                self._nodes,
-                self._edge_keys,
-                self._edge_vals,
-                self._pool,
-                self._seq_start,
-                self._seq_len,
+                self._state,
                 roots,
                 context_slots,
                 max_tokens,
-                self.max_depth,
                 min_token_prob,
                 factor,
                 batch.tokens,
@@ -368,8 +348,6 @@ class SuffixForest:
                 batch.num_tokens,
                 batch.scores,
                 batch.match_lens,
-                self._scratch_tokens,
-                self._scratch_probs,
             )
         return batch
 
@@ -379,24 +357,17 @@ class SuffixForest:
 
         Walks every stored suffix again, so it costs as much as re-inserting everything.
         """
+        held = array_addresses(self._state)
+        for name, address in zip(FIELDS, held, strict=False):
+            if address != getattr(self, "_" + name).ctypes.data:
+                raise AssertionError(f"the kernels' record holds a replaced {name} array")
         nodes = self._nodes
         high = int(self._meta[K.M_HIGH_WATER])
         live = nodes[:high, K.F_COUNT] >= 0
         roots = np.zeros(high, dtype=bool)
         roots[list(self._root_of.values())] = True
         visits = np.zeros(high, dtype=np.int64)
-        bad_seq = K.recount_occurrences(
-            nodes,
-            self._edge_keys,
-            self._edge_vals,
-            self._pool,
-            self._seq_start,
-            self._seq_len,
-            self._seq_root,
-            self._seq_alive,
-            self.max_depth,
-            visits,
-        )
+        bad_seq = K.recount_occurrences(self._state, visits)
         if bad_seq >= 0:
             raise AssertionError(f"a suffix of sequence slot {bad_seq} has no path in its tree")
         counts = nodes[:high, K.F_COUNT].astype(np.int64)
@@ -417,7 +388,7 @@ class SuffixForest:
                 if token in tokens_seen:
                     raise AssertionError(f"node {node} has two children for token {token}")
                 tokens_seen.add(token)
-                if K.find_child(self._edge_keys, self._edge_vals, node, token) != child:
+                if K.find_child(self._state, node, token) != child:
                     raise AssertionError(f"edge ({node}, {token}) missing from the edge table")
                 if best < 0 or (nodes[child, K.F_COUNT], -token) > (
                     nodes[best, K.F_COUNT],
@@ -464,20 +435,26 @@ class SuffixForest:
 
     # -------------------------------------------------------------------------- storage
     def _reserve_nodes(self, extra: int) -> None:
+        # The room rule of K.has_room, for `extra` new nodes and edges.
         needed = int(self._meta[K.M_HIGH_WATER]) + extra
+        replaced = False
         if needed > self._nodes.shape[0]:
             grown = np.zeros((max(needed, 2 * self._nodes.shape[0]), K.NUM_FIELDS), dtype=np.int32)
             grown[: self._nodes.shape[0]] = self._nodes
             self._nodes = grown
+            replaced = True
         edges_needed = int(self._meta[K.M_LIVE_EDGES]) + extra
         capacity = self._edge_keys.shape[0]
-        if edges_needed > _MAX_EDGE_LOAD * capacity:
-            while edges_needed > _MAX_EDGE_LOAD * capacity:
+        if edges_needed * K.EDGE_LOAD_DEN > K.EDGE_LOAD_NUM * capacity:
+            while edges_needed * K.EDGE_LOAD_DEN > K.EDGE_LOAD_NUM * capacity:
                 capacity *= 2
             keys = np.full(capacity, K.EMPTY, dtype=np.int64)
             vals = np.zeros(capacity, dtype=np.int32)
             K.rehash(self._edge_keys, self._edge_vals, keys, vals)
             self._edge_keys, self._edge_vals = keys, vals
+            replaced = True
+        if replaced:
+            self._state = self._build_state()
 
     def _reserve_sequence(self, slot: int, extra: int) -> None:
         length = int(self._seq_len[slot])
@@ -491,6 +468,7 @@ class SuffixForest:
                 grown = np.zeros(max(2 * self._pool.shape[0], self._pool_used + new_cap), np.int32)
                 grown[: self._pool_used] = self._pool[: self._pool_used]
                 self._pool = grown
+                self._state = self._build_state()
         start = int(self._seq_start[slot])
         self._pool[self._pool_used : self._pool_used + length] = self._pool[start : start + length]
         self._seq_start[slot] = self._pool_used
@@ -509,6 +487,7 @@ class SuffixForest:
             used += cap
         self._pool = compacted
         self._pool_used = used
+        self._state = self._build_state()
 
     def _grow_slots(self) -> None:
         old = self._seq_start.shape[0]
@@ -527,10 +506,16 @@ class SuffixForest:
         self._active_node = grow(self._active_node, 0)
         self._active_depth = grow(self._active_depth, 0)
         self._free_slots.extend(range(new - 1, old - 1, -1))
+        self._state = self._build_state()
 
     def _grow_draft_buffers(self, size: int) -> None:
+        size = max(size, 2 * self._draft_tokens.shape[0])
+        self._draft_tokens = np.zeros(size, dtype=np.int32)
+        self._draft_probs = np.zeros(size, dtype=np.float64)
         self._scratch_tokens = np.zeros(size, dtype=np.int32)
         self._scratch_probs = np.zeros(size, dtype=np.float64)
+        self._draft_capacity = size
+        self._state = self._build_state()
 
 
 def _pow2_at_least(n: int) -> int:
@@ -553,12 +538,16 @@ def warm_up_kernels() -> None:
     forest = SuffixForest(max_depth=4, initial_nodes=16)
     forest.append("a", [1, 2, 3, 1, 2, 4, 1, 2, 3])
     forest.append("b", [2, 3, 1, 2])
+    forest.append("b", np.array([3], np.int32))  # an existing sequence: one kernel call
     forest.speculate([1, 2], max_tokens=4)
+    forest.speculate(np.array([2, 3], np.int32), max_tokens=100)  # grows the draft buffers
     slot_b = forest.sequence_handle("b")
     forest.append_many(np.array([slot_b]), np.array([3, 1], np.int32), np.array([0, 2]))
     forest.speculate_many(
         np.array([forest.tree_handle(0)]), np.array([slot_b]), np.array([3]), min_token_prob=0.0
     )
     forest.remove("a")
+    forest.append("c", [5, 6], tree=1)
+    forest.drop_tree(1)
     forest._reserve_nodes(4 * forest._edge_keys.shape[0])  # forces a rehash
     forest.check_integrity()

@@ -40,9 +40,8 @@ class SuffixTree:
         max_spec_factor: float | None = None,
     ) -> Draft:
         """See :meth:`SuffixForest.speculate`."""
-        return self._forest.speculate(
-            context, max_tokens, min_token_prob=min_token_prob, max_spec_factor=max_spec_factor
-        )
+        # Positional: this is the per-call path.
+        return self._forest.speculate(context, max_tokens, 0, min_token_prob, max_spec_factor)
 
     def check_integrity(self) -> None:
         self._forest.check_integrity()

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from suffix_tree import SuffixForest, SuffixTree, _kernels
+from suffix_tree import SuffixForest, SuffixTree, _kernels, _state
 
 
 @pytest.fixture
@@ -78,11 +78,16 @@ def test_kernels_are_compiled_at_construction_and_first_call_is_fast():
     SuffixTree(max_depth=24)
     for kernel in (
         _kernels.append_tokens,
+        _kernels.append_rows,
         _kernels.remove_sequence,
         _kernels.speculate_one,
         _kernels.speculate_rows,
         _kernels.rehash,
         _kernels.recount_occurrences,
+        _kernels.find_child,
+        _kernels.alloc_node,
+        _kernels.free_node,
+        _state.array_addresses,
     ):
         assert kernel.signatures, f"{kernel.__name__} was not compiled by the warm-up"
     tree = SuffixTree(max_depth=24)
@@ -146,3 +151,52 @@ def test_negative_tokens_in_an_int32_context_are_rejected():
     forest.append(0, [1, 2, 3])
     with pytest.raises(ValueError, match="negative token id -5"):
         forest.speculate(np.array([1, -5], dtype=np.int32), 2)
+
+
+def test_negative_tokens_in_an_int32_append_are_rejected_and_nothing_is_stored(forest):
+    # An int32 array to an existing sequence goes straight to the kernel, which checks it.
+    with pytest.raises(ValueError, match="negative token id -7"):
+        forest.append("s", np.array([4, 5, -7], dtype=np.int32))
+    assert forest.sequence_tokens("s").tolist() == [1, 2, 3]
+    forest.check_integrity()
+    # A new sequence with a negative token is not created at all.
+    with pytest.raises(ValueError, match="negative token id -1"):
+        forest.append("new", np.array([-1], dtype=np.int32))
+    assert forest.num_sequences == 1
+
+
+def test_growth_rebuilds_the_kernels_record():
+    forest = SuffixForest(max_depth=100, initial_nodes=16)
+    rng = np.random.default_rng(2)
+    # Past every initial capacity: node pool, edge table, token pool, slots, draft buffers.
+    for i in range(40):
+        forest.append(i, rng.integers(0, 30, size=50).astype(np.int32), tree=i % 2)
+    unique = rng.permutation(1000)[:300] + 100  # tokens 100.. occur once each, in tree 0
+    forest.append("long", unique)
+    # Every token of `unique` occurs once, so every match continues along that occurrence with
+    # probability 1; the 1-token match leaves the most depth (99 tokens, score 99) and wins:
+    # more than the initial 64-token draft buffers hold.
+    draft = forest.speculate(unique[:10], max_tokens=200, min_token_prob=0.0)
+    assert draft.tokens.tolist() == unique[10:109].tolist()
+    assert draft.match_len == 1
+    forest.check_integrity()  # also checks that the record holds the current arrays
+    assert [forest.sequence_length(i) for i in range(40)] == [50] * 40
+
+
+def test_churn_compacts_the_token_pool_and_keeps_contents():
+    forest = SuffixForest(max_depth=4, initial_nodes=16)
+    rng = np.random.default_rng(4)
+    kept = {}
+    for i in range(200):
+        tokens = rng.integers(0, 50, size=200).astype(np.int32)
+        forest.append(i, tokens[:150], tree=i % 2)
+        forest.append(i, tokens[150:], tree=i % 2)
+        kept[i] = tokens
+        if i >= 2:  # at most 3 sequences live at a time
+            forest.remove(i - 2)
+            del kept[i - 2]
+    forest.check_integrity()
+    for i, tokens in kept.items():
+        assert forest.sequence_tokens(i).tolist() == tokens.tolist()
+    # 40,000 tokens went through; without compaction the pool would hold room for all of them.
+    assert forest.memory().tokens < 200 * 200 * 4 // 8

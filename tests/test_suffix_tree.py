@@ -59,6 +59,54 @@ def test_tree_matches_oracle_under_appends_removals_and_queries(max_depth, opera
         tree.check_integrity()
 
 
+# max_spec_factor caps a draft at match_len * factor tokens: None (no cap), a cap below one
+# token for short matches (0.5), and caps that bind at some match lengths only.
+SPEC_FACTORS = st.sampled_from([None, 0.5, 1.0, 1.5, 2.0, 3.0])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    max_depth=st.integers(1, 7),
+    sequences=st.lists(st.lists(SMALL_VOCAB, min_size=1, max_size=14), min_size=1, max_size=4),
+    queries=st.lists(
+        st.tuples(
+            st.lists(SMALL_VOCAB, min_size=1, max_size=9),
+            st.integers(1, 8),
+            st.sampled_from([0.0, 0.1, 0.4]),
+            SPEC_FACTORS,
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_max_spec_factor_matches_oracle(max_depth, sequences, queries):
+    tree = SuffixForest(max_depth=max_depth, initial_nodes=16)
+    oracle = NaiveSuffixForest(max_depth)
+    for seq_id, tokens in enumerate(sequences):
+        tree.append(seq_id, tokens)
+        oracle.append(seq_id, tokens)
+    tree.check_integrity()
+    for context, budget, min_prob, factor in queries:
+        expected = oracle.speculate(
+            context, budget, min_token_prob=min_prob, max_spec_factor=factor
+        )
+        got = tree.speculate(context, budget, min_token_prob=min_prob, max_spec_factor=factor)
+        assert_same_draft(got, expected)
+        # The batch API drafts from a stored sequence's tail: same cap, same answer.
+        slot = tree.sequence_handle(0)
+        batch = tree.speculate_many(
+            np.array([tree.tree_handle(0)]),
+            np.array([slot]),
+            np.array([budget]),
+            min_token_prob=min_prob,
+            max_spec_factor=factor,
+        )
+        expected = oracle.speculate(
+            sequences[0], budget, min_token_prob=min_prob, max_spec_factor=factor
+        )
+        assert_same_draft(batch.row(0), expected)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     sequences=st.lists(st.lists(SMALL_VOCAB, min_size=1, max_size=12), min_size=1, max_size=4),

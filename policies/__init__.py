@@ -14,7 +14,9 @@ from policies.budget import (
     remaining_length_weights,
 )
 from policies.cost_model import OnlineCostFitter, StepCostModel, fit_step_cost, parse_cost_spec
-from policies.profiles import PROFILE_NAMES, h100_profile, load_profile
+from policies.cost_table import StepCostTable
+from policies.profiles import PROFILE_NAMES, h100_profile, load_cost_model, load_profile
+from policies.step_shapes import StepShapes
 
 __all__ = [
     "PROFILE_NAMES",
@@ -27,10 +29,13 @@ __all__ = [
     "OnlineCostFitter",
     "RequestView",
     "StepCostModel",
+    "StepCostTable",
+    "StepShapes",
     "expected_produced_tokens",
     "fit_step_cost",
     "fixed_budgets",
     "h100_profile",
+    "load_cost_model",
     "load_profile",
     "optimal_budgets",
     "parse_cost_spec",

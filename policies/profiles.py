@@ -1,11 +1,25 @@
 """Named step cost models, fitted from measured step times.
 
-The H100 profiles come from ``h100_qwen_shapes.json`` in the shared costs folder (``$DAS_COSTS_DIR``
-or ``<repo>/../shared/costs``): per-layer GEMM times and LM-head times keyed by tokens per step,
-measured on one H100 in bf16 for the layer shapes of Qwen models. A decode step of ``T`` tokens
-costs ``num_layers * layer_gemm_ms[T] + lm_head_ms[T]`` in its linear layers; that curve is fitted
-with :func:`~policies.cost_model.fit_step_cost` (relative errors: the policy compares ratios of
-step times, so a 5% error on a 6 ms step matters as much as one on a 100 ms step).
+Every table named here ships in ``policies/data/`` (this project's own measurements).
+
+Whole-step tables (the default GPU curve). ``h100`` (= ``h100_qwen25_7b``) is the measured time
+of whole decode/verify steps of a Qwen2.5-7B-shaped model on one H100
+(``h100_qwen25_7b_step.json``, see :mod:`policies.cost_table`), corrected to fused elementwise
+kernels; ``h100_qwen25_7b_unfused`` is the table as measured. ``h100_qwen3_8b_step`` (and
+``..._unfused``) is the same for a Qwen3-8B-shaped model (``h100_qwen3_8b_step.json``).
+:func:`load_cost_model` returns the table model itself (anything with ``times(shapes)``).
+:func:`load_profile` must return a :class:`~policies.cost_model.StepCostModel` for the budget
+policy: for a table name it returns the roofline fitted to that table (:func:`fit_step_table`;
+``scripts/measure_gpu_step_cost.py fit`` writes its error on every cell to
+``benchmarks/results/gpu_step_cost_fit.json``).
+
+GEMM profiles (``h100_7b``, ``h100_qwen3_8b``, ``h100_1.5b``) come from
+``h100_qwen_shapes.json`` (``$DAS_COSTS_DIR`` overrides its folder): per-layer GEMM times and
+LM-head times keyed by tokens per step, measured on one H100 in bf16 for the layer shapes of
+Qwen models. A decode step of ``T`` tokens costs ``num_layers * layer_gemm_ms[T] +
+lm_head_ms[T]`` in its linear layers; that curve is fitted with
+:func:`~policies.cost_model.fit_step_cost` (relative errors: the policy compares ratios of step
+times, so a 5% error on a 6 ms step matters as much as one on a 100 ms step).
 
 Attention. The README of the data calls its SDPA attention column an upper bound, because SDPA
 switches to a slow kernel as soon as a request verifies more than one token. The rows with no
@@ -21,6 +35,7 @@ rows only. Pass ``include_attention=False`` for the GEMM-only curve.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -30,13 +45,22 @@ import numpy as np
 
 from policies._checks import check_int
 from policies.cost_model import StepCostModel, fit_step_cost, parse_cost_spec
+from policies.cost_table import StepCostTable, load_step_table, packaged_table_path
+from policies.step_shapes import StepShapes
 
 __all__ = [
     "PROFILE_NAMES",
+    "TABLE_PROFILES",
+    "CostModel",
     "costs_dir",
+    "describe_cost_model",
     "fit_measured_steps",
+    "fit_step_table",
     "h100_profile",
+    "load_cost_model",
     "load_profile",
+    "policy_cost_model",
+    "step_table",
 ]
 
 H100_SHAPES_FILE = "h100_qwen_shapes.json"
@@ -47,21 +71,27 @@ _H100_PROFILES: dict[str, tuple[str, int]] = {
     "h100_qwen3_8b": ("qwen3-8b", 36),
     "h100_1.5b": ("qwen2.5-1.5b", 28),
 }
-PROFILE_NAMES: tuple[str, ...] = tuple(_H100_PROFILES)
+# name -> (packaged whole-step table, fused-kernel correction)
+TABLE_PROFILES: dict[str, tuple[str, bool]] = {
+    "h100": ("h100_qwen25_7b_step.json", True),
+    "h100_qwen25_7b": ("h100_qwen25_7b_step.json", True),
+    "h100_qwen25_7b_unfused": ("h100_qwen25_7b_step.json", False),
+    "h100_qwen3_8b_step": ("h100_qwen3_8b_step.json", True),
+    "h100_qwen3_8b_step_unfused": ("h100_qwen3_8b_step.json", False),
+}
+PROFILE_NAMES: tuple[str, ...] = tuple(TABLE_PROFILES) + tuple(_H100_PROFILES)
 
 # This project's measurement of vLLM's step cost on its 2-core CPU machine
-# (scripts/measure_step_cost.py); present in a checkout, absent from an installed wheel.
-MEASURED_CPU_PROFILE = (
-    Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "step_cost_cpu.json"
-)
+# (scripts/measure_step_cost.py; a copy of benchmarks/results/step_cost_cpu.json).
+MEASURED_CPU_PROFILE = packaged_table_path("step_cost_cpu.json")
 
 
 def costs_dir() -> Path:
-    """The shared costs folder: ``$DAS_COSTS_DIR`` if set, else ``<repo>/../shared/costs``."""
+    """Folder of ``h100_qwen_shapes.json``: ``$DAS_COSTS_DIR`` if set, else ``policies/data``."""
     override = os.environ.get("DAS_COSTS_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "costs"
+    return packaged_table_path(H100_SHAPES_FILE).parent
 
 
 def _load_h100_shapes(directory: Path) -> dict:
@@ -138,7 +168,7 @@ def h100_profile(
         include_attention: add the attention term (see the module docstring).
 
     Raises:
-        FileNotFoundError: when the shared costs file is missing.
+        FileNotFoundError: when ``$DAS_COSTS_DIR`` names a folder without the costs file.
         ValueError: for an unmeasured shape or context length.
     """
     check_int(num_layers, "num_layers", minimum=1)
@@ -173,11 +203,77 @@ def fit_measured_steps(measurements: dict, source: str = "measurements") -> Step
     )
 
 
+@functools.lru_cache(maxsize=8)
+def step_table(name: str) -> StepCostTable:
+    """The whole-step table model of a name in :data:`TABLE_PROFILES`."""
+    if name not in TABLE_PROFILES:
+        raise ValueError(f"name={name!r} is not a step table; known: {sorted(TABLE_PROFILES)}")
+    file_name, fused = TABLE_PROFILES[name]
+    return load_step_table(file_name, fused=fused)
+
+
+def table_cells(table: StepCostTable) -> tuple[StepShapes, np.ndarray]:
+    """The measured decode cells of ``table`` as step shapes, and their times in seconds as the
+    model prices them (the fused correction applied when the table has it)."""
+    measured = ~np.isnan(table.step_ms)
+    batch, q, length = np.meshgrid(
+        table.batch_sizes, table.query_lens, table.context_lens, indexing="ij"
+    )
+    batch, q, length = batch[measured], q[measured], length[measured]
+    shapes = StepShapes.from_columns(
+        num_tokens=(batch * q).astype(np.int64),
+        draft_tokens=(batch * (q - 1)).astype(np.int64),
+        num_requests=batch.astype(np.int64),
+        kv_tokens=(batch * length).astype(np.int64),
+        context_tokens=(batch * q * length).astype(np.int64),
+    )
+    return shapes, table.times(shapes)
+
+
+def fit_step_table(table: StepCostTable) -> StepCostModel:
+    """The :class:`StepCostModel` roofline fitted to a table's measured decode cells.
+
+    Relative least squares over every measured cell (weights ``1 / t**2``) with ``c_ctx`` on
+    ``context_tokens`` and ``c_kv`` on ``kv_tokens``; ``c_prefill`` is the slope of the
+    table's prefill curve between its two largest measured token counts (compute-bound there),
+    or 0 without prefill cells.
+    """
+    shapes, seconds = table_cells(table)
+    fitted = fit_step_cost(
+        shapes.num_tokens,
+        seconds,
+        context_tokens=shapes.context_tokens,
+        kv_tokens=shapes.kv_tokens,
+        weights=seconds**-2.0,
+    )
+    c_prefill = 0.0
+    if table.prefill_tokens.size >= 2:
+        tokens, ms = table.prefill_tokens[-2:], table.prefill_ms[-2:]
+        c_prefill = float((ms[1] - ms[0]) / (tokens[1] - tokens[0])) / 1e3
+    return dataclasses.replace(fitted, c_prefill=max(c_prefill, 0.0))
+
+
+@functools.lru_cache(maxsize=8)
+def _fitted_table_profile(name: str) -> StepCostModel:
+    return fit_step_table(step_table(name))
+
+
+def load_cost_model(spec: str | os.PathLike[str]) -> StepCostTable | StepCostModel:
+    """Any cost model with ``times(shapes)``: the table model for a name in
+    :data:`TABLE_PROFILES`, else what :func:`load_profile` reads."""
+    text = os.fspath(spec)
+    if text in TABLE_PROFILES:
+        return step_table(text)
+    return load_profile(text)
+
+
 def load_profile(name_or_path: str | os.PathLike[str]) -> StepCostModel:
-    """A cost model from a profile name, a JSON file, or a cost spec string.
+    """A :class:`StepCostModel` from a profile name, a JSON file, or a cost spec string.
 
     Accepted:
-        * a name in :data:`PROFILE_NAMES` ("h100_7b", "h100_qwen3_8b", "h100_1.5b");
+        * a name in :data:`TABLE_PROFILES` ("h100", "h100_qwen25_7b", ...): the roofline fitted
+          to that measured table (:func:`fit_step_table`);
+        * a name of a GEMM profile ("h100_7b", "h100_qwen3_8b", "h100_1.5b");
         * a JSON file with measurements ``{"num_tokens": [...], "step_s": [...]}`` (see
           :func:`fit_measured_steps`) or with parameters ``{"c_base": ..., "c_tok": ...,
           "knee_tokens": ..., "c_ctx": ...}``;
@@ -188,6 +284,8 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> StepCostModel:
         ValueError: naming the argument when it is none of these or the file is malformed.
     """
     text = os.fspath(name_or_path)
+    if text in TABLE_PROFILES:
+        return _fitted_table_profile(text)
     if text in _H100_PROFILES:
         shape, num_layers = _H100_PROFILES[text]
         return h100_profile(shape=shape, num_layers=num_layers)
@@ -210,5 +308,31 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> StepCostModel:
         return parse_cost_spec(text)
     raise ValueError(
         f"profile {text!r} is not a known name {list(PROFILE_NAMES)}, an existing JSON file, "
-        "or a spec 'c_base,c_tok[,knee[,c_ctx]]'"
+        "or a spec 'c_base,c_tok[,knee[,c_ctx[,...]]]'"
     )
+
+
+CostModel = StepCostTable | StepCostModel  # anything with ``times(shapes)``
+
+
+def policy_cost_model(cost: CostModel) -> StepCostModel:
+    """The roofline a budget policy plans with for ``cost``: itself, or a table's fitted one."""
+    if isinstance(cost, StepCostModel):
+        return cost
+    return _fitted_table(cost)
+
+
+@functools.lru_cache(maxsize=8)
+def _fitted_table(table: StepCostTable) -> StepCostModel:
+    return fit_step_table(table)
+
+
+def describe_cost_model(cost: CostModel) -> dict[str, object]:
+    """What a report says of a cost model: its spec, or the table and the roofline fitted to it."""
+    if isinstance(cost, StepCostModel):
+        return {"kind": "roofline", "spec": cost.to_spec(), **dataclasses.asdict(cost)}
+    return {
+        "kind": "measured table",
+        "table": repr(cost),
+        "policy_roofline": policy_cost_model(cost).to_spec(),
+    }

@@ -25,16 +25,12 @@ from policies.budget import (
     remaining_length_weights,
 )
 from policies.cost_model import OnlineCostFitter, StepCostModel
-from policies.profiles import costs_dir, load_profile
+from policies.profiles import load_profile
 
 LONG, MEDIUM, SHORT = LengthClass.LONG, LengthClass.MEDIUM, LengthClass.SHORT
 
 # A 2-core CPU running a small model: every verified token costs a fifth of a step's floor.
 CPU_LIKE = StepCostModel(c_base=0.01, c_tok=0.002)
-
-needs_h100_data = pytest.mark.skipif(
-    not (costs_dir() / "h100_qwen_shapes.json").is_file(), reason="shared H100 costs missing"
-)
 
 
 def geometric(p: float, length: int) -> np.ndarray:
@@ -191,22 +187,42 @@ def test_no_drafts_when_verification_costs_more_than_it_gains() -> None:
     assert optimal_budgets(drafts[:1], CPU_LIKE)[0] > 0
 
 
-@needs_h100_data
-def test_h100_small_batch_drafts_in_full() -> None:
+@pytest.mark.parametrize("profile", ["h100_7b", "h100"])
+def test_h100_small_batch_drafts_in_full(profile: str) -> None:
     # 4 requests verifying 8 drafts each is 36 tokens per step: on the flat part of the curve.
-    h100 = load_profile("h100_7b")
+    h100 = load_profile(profile)
     drafts = [geometric(0.7, 8) for _ in range(4)]
     assert optimal_budgets(drafts, h100, context_tokens=4 * 2048).tolist() == [8, 8, 8, 8]
 
 
-@needs_h100_data
-def test_h100_large_batch_drafts_less() -> None:
-    h100 = load_profile("h100_7b")
+@pytest.mark.parametrize("profile", ["h100_7b", "h100"])
+def test_h100_large_batch_drafts_less(profile: str) -> None:
+    h100 = load_profile(profile)
     drafts = [geometric(0.7, 16) for _ in range(256)]
     budgets = optimal_budgets(drafts, h100, context_tokens=256 * 2048)
     assert budgets.max() < 16
     tail = optimal_budgets(drafts[:4], h100, context_tokens=4 * 2048)
     assert tail.min() > budgets.max()
+
+
+def test_kv_reads_price_like_a_fixed_cost_of_the_step() -> None:
+    # Each cache is read once whatever the drafts, so c_kv * sum(L) is part of the step's
+    # fixed cost: the same budgets as a model with that cost in c_base, and more drafts than
+    # a model without it (the fixed cost is shared by more tokens).
+    context = np.array([4096, 4096, 2048, 8192])
+    with_kv = StepCostModel(c_base=0.002, c_tok=0.0005, knee_tokens=8, c_kv=2e-6)
+    as_base = StepCostModel(c_base=0.002 + 2e-6 * context.sum(), c_tok=0.0005, knee_tokens=8)
+    without = StepCostModel(c_base=0.002, c_tok=0.0005, knee_tokens=8)
+    drafts = [geometric(0.6, 8) for _ in range(4)]
+    budgets = optimal_budgets(drafts, with_kv, context_tokens=context)
+    assert budgets.tolist() == optimal_budgets(drafts, as_base, context_tokens=context).tolist()
+    assert budgets.sum() > optimal_budgets(drafts, without, context_tokens=context).sum()
+    assert drafting_can_pay(np.full(4, 8), with_kv, context_tokens=context)
+    remaining = np.array([100.0, 50.0, 10.0, 300.0])
+    assert (
+        makespan_budgets(drafts, with_kv, remaining, context_tokens=context).tolist()
+        == makespan_budgets(drafts, as_base, remaining, context_tokens=context).tolist()
+    )
 
 
 def test_weights_move_drafts_and_scale_does_not_matter() -> None:

@@ -381,3 +381,25 @@ def test_cpu_cost_prior_prices_verification_and_honours_the_profile_env(monkeypa
     )
     monkeypatch.setenv("DAS_COST_PROFILE", "0.05,0.001")
     assert default_cost_prior(on_cpu=True).c_spec_request == 0.0
+
+
+def test_gpu_cost_prior_is_fitted_to_the_measured_h100_table(monkeypatch) -> None:
+    """On a GPU the policy starts from the measured whole-step curve, not a guess."""
+    from das.vllm.proposer import default_cost_prior
+    from policies.profiles import load_cost_model
+    from policies.step_shapes import StepShapes
+
+    monkeypatch.delenv("DAS_COST_PROFILE", raising=False)
+    prior = default_cost_prior(on_cpu=False)
+    table = load_cost_model("h100")
+    # Decode steps of B requests at 2k tokens of context each, without drafts and with 7 each.
+    batch = np.array([1, 16, 64, 256])
+    for drafts in (0, 7):
+        shapes = StepShapes.from_columns(
+            num_tokens=batch * (1 + drafts),
+            draft_tokens=batch * drafts,
+            num_requests=batch,
+            kv_tokens=batch * 2048,
+            context_tokens=batch * (1 + drafts) * 2048,
+        )
+        np.testing.assert_allclose(prior.times(shapes), table.times(shapes), rtol=0.2)

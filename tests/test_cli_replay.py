@@ -48,5 +48,28 @@ def test_replay_errors_name_the_bad_input(tmp_path):
         main(["replay", str(broken), "--methods", "none", "--cost", "0.01,0.001"])
     with pytest.raises(SystemExit, match=r"unknown method\(s\) \['warp'\]"):
         main(["replay", str(SMALL_TRACE), "--methods", "warp"])
-    with pytest.raises(SystemExit, match="bad --cost 'x=1,2,3,4,5,6,7'"):
-        main(["replay", str(SMALL_TRACE), "--cost", "x=1,2,3,4,5,6,7"])
+    with pytest.raises(SystemExit, match="bad --cost 'x=1,2,3,4,5,6,7,8,9'"):
+        main(["replay", str(SMALL_TRACE), "--cost", "x=1,2,3,4,5,6,7,8,9"])
+
+
+def test_max_num_seqs_caps_the_running_requests(tmp_path):
+    def passes(*extra: str) -> tuple[list[int], dict]:
+        out = tmp_path / "replay.json"
+        main(
+            [
+                "--log-level", "WARNING", "replay", str(SMALL_TRACE), "--methods", "none",
+                "--cost", "flat=0.01,0.00001", "--jobs", "1", "--json", str(out), *extra,
+            ]
+        )  # fmt: skip
+        data = json.loads(out.read_text())
+        steps = data["cost_models"]["flat"]["methods"]["none"]["steps"]
+        return [s["forward_passes"] for s in steps], data["engine"]
+
+    unbounded, engine = passes()
+    assert engine["max_num_seqs"] == 1024
+    capped, engine = passes("--max-num-seqs", "4")
+    assert engine["max_num_seqs"] == 4
+    # The trace has 64 rollouts a step: 4 at a time must take longer than all at once.
+    assert all(c > u for c, u in zip(capped, unbounded, strict=True))
+    with pytest.raises(SystemExit, match="--max-num-seqs=0 must be >= 1"):
+        main(["replay", str(SMALL_TRACE), "--methods", "none", "--max-num-seqs", "0"])

@@ -1,8 +1,9 @@
 """Compare drafting methods on a recorded trace under several step cost models.
 
 Methods whose decisions do not depend on the cost model are replayed once and their modelled
-time is evaluated under every cost model from the recorded per-iteration token counts; the
-cost-model policy is replayed once per cost model, since its budgets depend on the curve.
+time is evaluated under every cost model from the replay's per-iteration shapes
+(:class:`~policies.step_shapes.StepShapes`); the cost-model policy is replayed once per cost
+model, since its budgets depend on the curve.
 """
 
 from __future__ import annotations
@@ -22,13 +23,26 @@ import numpy as np
 
 from das.drafter import DASDrafter
 from das.methods import build_drafter
-from policies.cost_model import StepCostModel
-from rollouts.replay import StepResult, replay_trace
+from policies.profiles import CostModel, describe_cost_model, policy_cost_model
+from rollouts.replay import ReplayConfig, StepResult, replay_trace
 from rollouts.trace import RolloutRecord, group_by_step
 
 logger = logging.getLogger(__name__)
 
 COST_DEPENDENT_METHODS = frozenset({"das_cost_model"})
+# Replay start order, slowest first (CPU seconds per method on a synthetic 168k-token trace,
+# benchmarks/results/replay_speed_cpu.json: das_cost_model 13.6 for its two cost models,
+# das_length_class 7.1, das_fixed 5.2, suffix_global 3.8, das_prompt_only 3.6, ngram 1.2,
+# none 0.2); a method not listed starts first.
+_START_ORDER = {
+    "das_cost_model": 1,
+    "das_length_class": 2,
+    "das_fixed": 3,
+    "suffix_global": 4,
+    "das_prompt_only": 5,
+    "ngram": 6,
+    "none": 7,
+}
 _START_METHODS = multiprocessing.get_all_start_methods()
 
 
@@ -37,10 +51,11 @@ class Comparison:
     """results[cost_name][method] = per-step results; plus what the trace held."""
 
     results: dict[str, dict[str, list[StepResult]]]
-    cost_models: dict[str, StepCostModel]
+    cost_models: dict[str, CostModel]
     trace_summary: dict[str, Any]
     replay_wall_s: float
     source_wins: dict[str, dict[str, int]] = field(default_factory=dict)
+    config: ReplayConfig = field(default_factory=ReplayConfig)
 
     def reduction(self, cost_name: str, method: str, baseline: str, steps: Sequence[int]) -> float:
         """1 - time(method) / time(baseline), summed over ``steps``."""
@@ -53,7 +68,7 @@ class Comparison:
         cost_models = {}
         for cost_name, by_method in self.results.items():
             cost_models[cost_name] = {
-                "params": dataclasses.asdict(self.cost_models[cost_name]),
+                "params": describe_cost_model(self.cost_models[cost_name]),
                 "methods": {
                     method: {"steps": [r.to_dict() for r in steps]}
                     for method, steps in by_method.items()
@@ -63,6 +78,7 @@ class Comparison:
             "command": command,
             "trace": self.trace_summary,
             "replay_wall_s": self.replay_wall_s,
+            "engine": dataclasses.asdict(self.config),
             "source_wins": self.source_wins,
             "cost_models": cost_models,
         }
@@ -85,10 +101,14 @@ def summarize_trace(records: Sequence[RolloutRecord]) -> dict[str, Any]:
 
 
 def _replay_job(
-    steps: Mapping[int, Sequence[RolloutRecord]], method: str, cost: StepCostModel, k: int
+    steps: Mapping[int, Sequence[RolloutRecord]],
+    method: str,
+    cost: CostModel,
+    k: int,
+    config: ReplayConfig | None = None,
 ) -> tuple[list[StepResult], dict[str, int] | None]:
-    drafter = build_drafter(method, cost, k)
-    replayed = replay_trace(steps, drafter, cost)
+    drafter = build_drafter(method, policy_cost_model(cost), k)
+    replayed = replay_trace(steps, drafter, cost, config)
     wins = dict(drafter.stats.tokens_by_source) if isinstance(drafter, DASDrafter) else None
     return replayed, wins
 
@@ -96,14 +116,17 @@ def _replay_job(
 def compare_methods(
     records: Sequence[RolloutRecord],
     methods: Sequence[str],
-    cost_models: Mapping[str, StepCostModel],
+    cost_models: Mapping[str, CostModel],
     num_speculative_tokens: int = 16,
     progress: bool = True,
     jobs: int | None = None,
+    config: ReplayConfig | None = None,
 ) -> Comparison:
-    """Replay every method on ``records`` under every cost model.
+    """Replay every method on ``records`` under every cost model, through the engine model
+    ``config`` (default :class:`~rollouts.replay.ReplayConfig`).
 
-    Replays are independent, so they run in ``jobs`` worker processes (default: one per CPU).
+    Replays are independent, so they run in ``jobs`` worker processes (default: one per CPU),
+    the slowest kinds first so that no worker is left with a long replay at the end.
     """
     if not records:
         raise ValueError("the trace holds no rollouts")
@@ -116,6 +139,8 @@ def compare_methods(
         for method in methods
         for cost_name in (cost_models if method in COST_DEPENDENT_METHODS else [None])
     ]
+    # Longest processing time first, so that no worker is left alone with a long replay.
+    work.sort(key=lambda job: _START_ORDER.get(job[0], 0))
     started = time.perf_counter()
     jobs = jobs or os.cpu_count() or 1
     context = multiprocessing.get_context("fork" if "fork" in _START_METHODS else "spawn")
@@ -127,6 +152,7 @@ def compare_methods(
                 method,
                 cost_models[cost_name] if cost_name else first_cost,
                 num_speculative_tokens,
+                config,
             ): (method, cost_name)
             for method, cost_name in work
         }
@@ -136,7 +162,8 @@ def compare_methods(
 
             done = tqdm(done, total=len(futures), desc="replay", unit="method")
         outputs = {futures[future]: future.result() for future in done}
-    for method, cost_name in work:  # assembled in a fixed order, whatever finished first
+    # Assembled in the order of ``methods``, whatever finished first.
+    for method, cost_name in sorted(work, key=lambda job: methods.index(job[0])):
         replayed, wins = outputs[(method, cost_name)]
         if wins is not None:
             source_wins[method if cost_name is None else f"{method}@{cost_name}"] = wins
@@ -149,6 +176,7 @@ def compare_methods(
         trace_summary=summarize_trace(records),
         replay_wall_s=time.perf_counter() - started,
         source_wins=source_wins,
+        config=config or ReplayConfig(),
     )
 
 
@@ -157,7 +185,8 @@ def format_table(comparison: Comparison, baseline: str = "none") -> str:
     lines = []
     for cost_name, by_method in comparison.results.items():
         steps = [r.step for r in next(iter(by_method.values()))]
-        lines.append(f"cost model {cost_name}: {comparison.cost_models[cost_name].to_spec()}")
+        described = describe_cost_model(comparison.cost_models[cost_name])
+        lines.append(f"cost model {cost_name}: {described.get('spec') or described['table']}")
         header = f"{'method':<18}" + "".join(f"{'step ' + str(s):>22}" for s in steps)
         lines.append(header + f"{'total s':>10}{'vs ' + baseline:>10}")
         lines.append(" " * 18 + "".join(f"{'s / passes / acc':>22}" for _ in steps))

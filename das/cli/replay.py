@@ -10,26 +10,28 @@ import sys
 from pathlib import Path
 
 from das.methods import METHOD_HELP, METHODS
-from policies.cost_model import StepCostModel
-from policies.profiles import MEASURED_CPU_PROFILE, load_profile
+from policies.profiles import MEASURED_CPU_PROFILE, TABLE_PROFILES, CostModel, load_cost_model
+from rollouts.replay import VLLM_CPU_MAX_NUM_SEQS, VLLM_GPU_MAX_NUM_SEQS, ReplayConfig
 
 logger = logging.getLogger(__name__)
 
 
 def default_cost_specs() -> list[str]:
-    specs = ["h100_7b=h100_7b"]
+    """This machine's measured CPU curve and the measured H100 whole-step table."""
+    specs = ["h100=h100"]
     if MEASURED_CPU_PROFILE.is_file():
         specs.insert(0, f"cpu={MEASURED_CPU_PROFILE}")
     return specs
 
 
-def parse_cost_models(specs: list[str]) -> dict[str, StepCostModel]:
-    """``NAME=SPEC`` or SPEC; SPEC: a profile name, a JSON path or ``c_base,c_tok[,knee]``."""
+def parse_cost_models(specs: list[str]) -> dict[str, CostModel]:
+    """``NAME=SPEC`` or SPEC; SPEC: a measured table's name, a profile name, a JSON path or
+    ``c_base,c_tok[,knee...]``."""
     models = {}
     for spec in specs:
         name, _, value = spec.partition("=") if "=" in spec else (spec, "", spec)
         try:
-            models[name] = load_profile(value)
+            models[name] = load_cost_model(value)
         except (ValueError, OSError) as error:
             raise SystemExit(f"das-rollout replay: bad --cost {spec!r}: {error}") from error
     return models
@@ -50,10 +52,28 @@ def add_replay_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--cost",
         action="append",
         default=None,
-        help="NAME=SPEC cost model, repeatable; SPEC: h100_7b, h100_qwen3_8b, a JSON profile, or "
-        "c_base,c_tok[,knee] in seconds (default: cpu=<measured CPU profile> and h100_7b)",
+        help="NAME=SPEC cost model, repeatable; SPEC: a measured step table ("
+        + ", ".join(sorted(TABLE_PROFILES))
+        + "), a GEMM roofline (h100_7b, h100_qwen3_8b), a JSON profile, or "
+        "c_base,c_tok[,knee] in seconds (default: cpu=<measured CPU curve> and h100=h100)",
     )
     parser.add_argument("--k", type=int, default=16, help="max draft tokens per request (16)")
+    parser.add_argument(
+        "--dataset-steps",
+        type=int,
+        default=1,
+        metavar="E",
+        help="replay as if the dataset held E times a step's prompts: each step's prompts are "
+        "split into E groups and a prompt returns every E steps (default: 1, as recorded)",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=VLLM_GPU_MAX_NUM_SEQS,
+        help="most requests the modelled engine runs at once, the rest wait (vLLM's "
+        f"max_num_seqs; default {VLLM_GPU_MAX_NUM_SEQS}, vLLM 0.32's on an H100-class GPU; "
+        f"{VLLM_CPU_MAX_NUM_SEQS} on a CPU)",
+    )
     parser.add_argument(
         "--jobs", type=int, default=None, help="replays run in parallel (default: CPU count)"
     )
@@ -72,13 +92,26 @@ def run_replay(args: argparse.Namespace) -> int:
         raise SystemExit(f"das-rollout replay: unknown method(s) {unknown}; known: {METHODS}")
     if args.k <= 0:
         raise SystemExit(f"das-rollout replay: --k={args.k} must be > 0")
+    if args.max_num_seqs < 1:
+        raise SystemExit(f"das-rollout replay: --max-num-seqs={args.max_num_seqs} must be >= 1")
     cost_models = parse_cost_models(args.cost or default_cost_specs())
     try:
         records = read_trace(args.trace)
+        if args.dataset_steps != 1:
+            from rollouts.dataset_steps import spread_steps
+            from rollouts.trace import group_by_step
+
+            spread = spread_steps(group_by_step(records), args.dataset_steps)
+            records = [record for step_records in spread.values() for record in step_records]
     except ValueError as error:
         raise SystemExit(f"das-rollout replay: {error}") from error
     comparison = compare_methods(
-        records, methods, cost_models, num_speculative_tokens=args.k, jobs=args.jobs
+        records,
+        methods,
+        cost_models,
+        num_speculative_tokens=args.k,
+        jobs=args.jobs,
+        config=ReplayConfig(max_num_seqs=args.max_num_seqs),
     )
     summary = comparison.trace_summary
     print(

@@ -1,7 +1,7 @@
 """The ``das-rollout`` command line: one subcommand per job, each with its own handler.
 
 To add a subcommand, write ``add_<name>_parser(subparsers)`` (registering options) and a handler
-``run_<name>(args) -> int`` (usually in ``das/cli_<name>.py``), then list the pair in
+``run_<name>(args) -> int`` (in ``das/cli/<name>.py``), then list the pair in
 :data:`SUBCOMMANDS`. Handlers import heavy modules (vLLM, torch) lazily so ``--help`` is fast.
 """
 
@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from das.cli.demo import add_demo_parser, run_demo
+from das.cli.import_trace import add_import_parser, run_import
 from das.cli.record import add_record_parser, run_record
 from das.cli.replay import add_replay_parser, run_replay
 from das.cli.run import add_run_parser, run_run
@@ -22,6 +23,7 @@ Handler = Callable[[argparse.Namespace], int]
 # name -> (adds the subcommand's parser, runs it). Order is the order in --help.
 SUBCOMMANDS: dict[str, tuple[AddParser, Handler]] = {
     "record": (add_record_parser, run_record),
+    "import": (add_import_parser, run_import),
     "replay": (add_replay_parser, run_replay),
     "run": (add_run_parser, run_run),
     "demo": (add_demo_parser, run_demo),

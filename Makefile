@@ -3,6 +3,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.das-setup-stamp
 export VLLM_TARGET_DEVICE ?= cpu
+# Prompts of the gsm8k source (demo, record, run, bench): a GSM8K train.jsonl named by
+# DAS_GSM8K_PATH. Unset, DAS loads the hub's openai/gsm8k, or built-in problems when offline.
+# Here it defaults to ../shared/data/gsm8k/train.jsonl when that file exists beside the
+# repository; override with `make demo DAS_GSM8K_PATH=/path/to/train.jsonl`.
+DAS_GSM8K_PATH ?= $(wildcard $(abspath ../shared/data/gsm8k/train.jsonl))
+export DAS_GSM8K_PATH
 
 .PHONY: setup test test-fast test-slow test-nojit lint demo bench clean
 
@@ -28,6 +34,8 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Records a small trace with the embedded model (dtype by CPU: see `das-rollout demo --help`),
+# replays every drafting method on it and explains the result.
 demo: setup
 	$(VENV)/bin/das-rollout demo
 

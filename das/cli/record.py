@@ -6,7 +6,19 @@ import argparse
 import logging
 from pathlib import Path
 
+from das.cli.args import (
+    check_model,
+    check_token_budget,
+    load_prompts_or_exit,
+    positive_float,
+    positive_int,
+    resolve_dtype_or_exit,
+    temperature,
+    top_p,
+    usage_error,
+)
 from das.default_model import cache_dir
+from das.vllm.engine import DTYPE_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +45,28 @@ def add_record_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser.add_argument(
         "--dataset",
         default=None,
-        help="prompt source: gsm8k (default), builtin, a .jsonl/.parquet file or a hub name",
+        help="prompt source: gsm8k (default: the file in $DAS_GSM8K_PATH, else the hub's "
+        "openai/gsm8k, else built-in problems when offline), builtin, a .jsonl/.parquet file "
+        "with a question/prompt/text column, or a hub name",
     )
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=8, help="responses per prompt per step")
-    parser.add_argument("--steps", type=int, default=4, help="RL steps (generate calls)")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-tokens", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0, help="engine seed and generator seed")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--num-prompts", type=positive_int, default=64)
     parser.add_argument(
-        "--kv-cache-gib", type=float, default=None, help="KV cache size (CPU default: 4 GiB)"
+        "--samples", type=positive_int, default=8, help="responses per prompt per step"
+    )
+    parser.add_argument("--steps", type=positive_int, default=4, help="RL steps (generate calls)")
+    parser.add_argument("--temperature", type=temperature, default=0.6)
+    parser.add_argument("--top-p", type=top_p, default=1.0)
+    parser.add_argument("--max-tokens", type=positive_int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="engine seed and generator seed")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="auto (default): bfloat16 on a GPU or a CPU with avx512_bf16/amx_bf16, else float32",
+    )
+    parser.add_argument("--max-model-len", type=positive_int, default=2048)
+    parser.add_argument(
+        "--kv-cache-gib", type=positive_float, default=None, help="KV cache size (CPU: 4 GiB)"
     )
     parser.add_argument(
         "--output",
@@ -61,18 +82,21 @@ def add_record_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def run_record(args: argparse.Namespace) -> int:
     """Handler of ``das-rollout record``; returns the process exit code."""
-    from das.vllm.engine import make_llm
-    from das.vllm.record import length_summary, plot_length_histogram, record_rollouts
-    from rollouts.prompts import load_prompts
-
+    # Every argument is checked before the engine starts (tests/test_cli_args.py).
     output = args.output or default_trace_path(args.dataset, args.temperature, args.max_tokens)
     if output.exists() and not args.overwrite:
-        logger.error("trace file %s exists; pass --overwrite to replace it", output)
-        return 2
-    prompts = load_prompts(args.dataset, args.num_prompts, args.seed)
+        usage_error("record", f"trace file {str(output)!r} exists; pass --overwrite to replace it")
+    check_token_budget("record", args.max_tokens, args.max_model_len)
+    check_model("record", args.model)
+    prompts = load_prompts_or_exit("record", args.dataset, args.num_prompts, args.seed)
+    dtype = resolve_dtype_or_exit("record", args.dtype)
+
+    from das.vllm.engine import make_llm
+    from das.vllm.record import length_summary, plot_length_histogram, record_rollouts
+
     llm = make_llm(
         args.model,
-        dtype=args.dtype,
+        dtype=dtype,
         max_model_len=args.max_model_len,
         seed=args.seed,
         kv_cache_gib=args.kv_cache_gib,

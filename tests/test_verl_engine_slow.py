@@ -139,6 +139,9 @@ async def run_das_server(engine_args, sampled: list[dict], greedy: list[dict]) -
 
     from das.verl.server import DASvLLMHttpServer
 
+    class WorkersWithoutStats(DASvLLMHttpServer):
+        STATS_RPC = "no_such_worker_method"  # as a worker without DAS's extension answers
+
     server = object.__new__(DASvLLMHttpServer)  # verl's constructor needs a Ray actor context
     server.engine = AsyncLLM.from_engine_args(engine_args)  # as verl's server starts it
     try:
@@ -148,10 +151,13 @@ async def run_das_server(engine_args, sampled: list[dict], greedy: list[dict]) -
             snapshots.append(await server.das_stats())
         greedy_tokens = await generate_async(server.engine, greedy, RESPONSE_LENGTH)
         snapshots.append(await server.das_stats())
+        without_stats = object.__new__(WorkersWithoutStats)
+        without_stats.engine = server.engine
+        missing_rpc = await without_stats.das_stats()
     finally:
         server.engine.shutdown()
         gc.collect()
-    return {"tokens": greedy_tokens, "stats": snapshots}
+    return {"tokens": greedy_tokens, "stats": snapshots, "missing_rpc": missing_rpc}
 
 
 def start_engine(config):
@@ -256,7 +262,12 @@ def test_das_engine_from_verl_args_accepts_history_drafts_at_step_two(das_run) -
     assert worker["num_proposer_failures"] == 0
 
 
-def test_grpo_advantages_identical_with_and_without_das(configs, das_run, prompts) -> None:
+def test_a_failing_stats_call_on_a_real_engine_reaches_the_trainer_as_no_stats(das_run) -> None:
+    """The worker call fails inside a real ``AsyncLLM``; the server must not raise."""
+    assert das_run["missing_rpc"] == []
+
+
+def test_greedy_rollouts_identical_with_and_without_das(configs, das_run, prompts) -> None:
     from transformers import AutoTokenizer
 
     _, plain_config = configs
@@ -269,8 +280,7 @@ def test_grpo_advantages_identical_with_and_without_das(configs, das_run, prompt
     finally:
         shutdown(llm)
     assert das_run["tokens"] == baseline_tokens
+    # The groups' GRPO advantages (verl's own function and GSM8K reward) are not all zero, so
+    # the identical tokens above mean identical, non-trivial training signal.
     tokenizer = AutoTokenizer.from_pretrained(plain_config.actor_rollout_ref.model.path)
-    with_das = grpo_advantages(tokenizer, prompts, das_run["tokens"])
-    without = grpo_advantages(tokenizer, prompts, baseline_tokens)
-    assert np.abs(with_das).sum() > 0  # groups differ in reward, so a wrong token could show
-    np.testing.assert_array_equal(with_das, without)
+    assert np.abs(grpo_advantages(tokenizer, prompts, das_run["tokens"])).sum() > 0

@@ -29,16 +29,20 @@ BACKEND = "vllm"
 class DASvLLMHttpServer(vLLMHttpServer):
     """verl's vLLM rollout server with :meth:`das_stats`."""
 
+    STATS_RPC = "das_stats"  # the worker method (DAS's worker extension) that holds the counters
+
     async def das_stats(self) -> list[dict[str, Any] | None]:
         """DAS's counters from each worker of this server's engine (None: DAS is off there).
 
-        An engine whose workers lack the ``das_stats`` RPC (DAS's worker extension was
-        replaced) gives an empty list and a warning, never an exception in the trainer.
+        Metrics must never stop training: an engine whose workers lack the RPC (DAS's worker
+        extension was replaced) or whose call fails gives an empty list and a warning. A real
+        ``AsyncLLM`` reports a failed worker call as a plain ``Exception`` from its utility
+        path, not as the worker's ``AttributeError``, so every ``Exception`` is caught here.
         """
         try:
-            return list(await self.engine.collective_rpc("das_stats"))
-        except AttributeError as error:
-            logger.warning("DAS stats unavailable on this rollout server: %s", error)
+            return list(await self.engine.collective_rpc(self.STATS_RPC))
+        except Exception as error:
+            logger.warning("DAS stats unavailable on this rollout server: %r", error)
             return []
 
 

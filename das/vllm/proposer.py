@@ -55,7 +55,9 @@ _METHOD_OF_POLICY = {
 MAX_FAILURES = 20  # proposer faults before DAS turns itself off for the engine's lifetime
 
 # Priors until the online fit has data. CPU: 2 cores, SmolLM2-135M (~30 ms per 1-token step, each
-# more token ~1.5 ms); GPU: a 7B model on one H100 (flat to ~256 tokens per step).
+# more token ~1.5 ms); GPU: the roofline fitted to this project's measured whole-step table of a
+# Qwen2.5-7B-shaped model on one H100, corrected toward fused elementwise kernels (profile
+# GPU_PRIOR_PROFILE: 6.6 ms flat to ~210 tokens per step, then 23 us per token, plus KV reads).
 CPU_PRIOR = StepCostModel(c_base=0.03, c_tok=0.0015)
 CPU_DRAFT_COST = 1.5e-4  # seconds per verified draft token beyond c_tok
 # Seconds per request of a step that verifies any draft: vLLM's rejection path copies the batch's
@@ -63,7 +65,7 @@ CPU_DRAFT_COST = 1.5e-4  # seconds per verified draft token beyond c_tok
 # us per request on the 2-core machine (scripts/measure_verify_overhead.py, JSON in
 # benchmarks/results/verify_overhead_cpu.json), 30-40 ms at 256 requests.
 CPU_SPEC_REQUEST_COST = 1.2e-4
-GPU_PRIOR = StepCostModel(c_base=0.015, c_tok=4e-5, knee_tokens=256.0)
+GPU_PRIOR_PROFILE = "h100"
 
 
 def das_config_from_vllm(vllm_config: Any) -> DASConfig:
@@ -90,7 +92,7 @@ def default_cost_prior(on_cpu: bool) -> StepCostModel:
     if profile:
         return load_profile(profile)
     if not on_cpu:
-        return GPU_PRIOR
+        return load_profile(GPU_PRIOR_PROFILE)
     prior = load_profile(MEASURED_CPU_PROFILE) if MEASURED_CPU_PROFILE.is_file() else CPU_PRIOR
     if prior.c_draft or prior.c_spec_request:
         return prior
@@ -188,7 +190,9 @@ class DASProposer:
         self._step_drafts = 0  # draft tokens the step verified
         # Steps that verified any draft, and their requests: vLLM's verify path costs per
         # request of such a step (``StepCostModel.c_spec_request``), drafts or not.
-        self.num_spec_steps = 0
+        self.num_steps = 0  # engine steps that scheduled any token
+        self.num_spec_steps = 0  # ... of which verified drafts
+        self.num_partial_spec_steps = 0  # ... of which some scheduled requests had no draft
         self.num_spec_step_requests = 0
         self._resync = False
         self.num_finished = 0
@@ -221,12 +225,15 @@ class DASProposer:
             if scheduler_output.total_num_scheduled_tokens:
                 self._steps_since_propose += 1
                 self._step_tokens = int(scheduler_output.total_num_scheduled_tokens)
-                self._step_drafts = sum(
-                    len(d) for d in scheduler_output.scheduled_spec_decode_tokens.values()
-                )
+                drafts = scheduler_output.scheduled_spec_decode_tokens.values()
+                self._step_drafts = sum(len(d) for d in drafts)
+                self.num_steps += 1
                 if self._step_drafts:
+                    num_scheduled = len(scheduler_output.num_scheduled_tokens)
                     self.num_spec_steps += 1
-                    self.num_spec_step_requests += len(scheduler_output.num_scheduled_tokens)
+                    self.num_spec_step_requests += num_scheduled
+                    if sum(1 for d in drafts if len(d)) < num_scheduled:
+                        self.num_partial_spec_steps += 1
                 if self.cost_fitter is not None:  # only the cost fit reads this
                     self._step_attended = decode_step_attended_tokens(runner, scheduler_output)
         except Exception:
@@ -449,7 +456,9 @@ class DASProposer:
             "num_skipped_batches": drafter_stats.num_skipped_batches,
             "num_proposer_failures": self.num_failures,
             "propose_s": self.propose_s,
+            "num_steps": self.num_steps,
             "num_spec_steps": self.num_spec_steps,
+            "num_partial_spec_steps": self.num_partial_spec_steps,
             "num_spec_step_requests": self.num_spec_step_requests,
             "num_finished": self.num_finished,
             "num_aborted": self.num_aborted,

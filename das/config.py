@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 POLICIES = ("fixed", "length_class", "cost_model")
+WINDOW_RULES = ("appearances", "steps")  # as rollouts.history.WINDOW_RULES
+# Forest bytes per token held in history: allocated arrays (nodes, edge table, token pool, with
+# their doubling slack) over stored tokens, measured with max_depth 24 on 1.3 M tokens of
+# recorded responses (scripts/bench_history_window.py, "bytes_per_token_fill"). The default
+# budgets, prompt histories plus global tree, come to 9.5 M tokens: about 2 GB.
+HISTORY_BYTES_PER_TOKEN = 224
 
 
 @dataclass(frozen=True)
@@ -17,7 +23,13 @@ class DASConfig:
     Attributes:
         num_speculative_tokens: upper bound on draft tokens per request per step (vLLM's K).
         max_depth: depth bound of every suffix tree (longest match plus draft).
-        window_steps: a prompt's history keeps the rollouts of its last ``window_steps`` steps.
+        window_appearances: a prompt's history keeps its rollouts from its last
+            ``window_appearances`` appearances (steps in which it was sampled), however many
+            steps lie between them: with a large dataset a prompt returns once per epoch.
+        window_rule: ``appearances`` (as above) or ``steps`` (legacy: a prompt's history keeps
+            only the rollouts of the last ``window_steps`` steps).
+        window_steps: the global tree keeps the rollouts of the last ``window_steps`` steps
+            (and so do prompt histories under ``window_rule="steps"``).
         min_token_prob: a draft stops when its cumulative probability falls below this.
         use_prompt_history: draft from the tree of the prompt's recent rollouts (with the live
             tokens of sibling samples of the current step).
@@ -26,7 +38,12 @@ class DASConfig:
         policy: draft budget policy: ``fixed`` (always K), ``length_class`` (the paper's long /
             medium / short buckets) or ``cost_model`` (maximise expected tokens per unit of
             modelled step time).
-        max_history_tokens: bound on tokens kept in history; the oldest steps go first.
+        max_history_tokens: bound on tokens kept in all prompts' histories together; the least
+            recently seen prompts go first. The forest holds about ``HISTORY_BYTES_PER_TOKEN``
+            bytes per stored token: the default budgets (with ``max_global_tokens``) come to
+            about 2 GB.
+        max_prompt_tokens: bound on one prompt's history; its oldest rollouts go first.
+        max_global_tokens: bound on the global tree's tokens; its oldest rollouts go first.
         max_spec_factor: a draft continuing a match of m tokens has at most
             ``m * max_spec_factor`` tokens (as vLLM's suffix method): short matches in unseen
             text draft little, where the tree's count ratios are least trustworthy.
@@ -42,22 +59,36 @@ class DASConfig:
 
     num_speculative_tokens: int = 16
     max_depth: int = 24
+    window_appearances: int = 4
+    window_rule: str = "appearances"
     window_steps: int = 5
     min_token_prob: float = 0.1
     use_prompt_history: bool = True
     use_own_context: bool = True
     use_global_tree: bool = True
     policy: str = "cost_model"
-    max_history_tokens: int = 50_000_000
+    max_history_tokens: int = 8_000_000
+    max_prompt_tokens: int = 1_000_000
+    max_global_tokens: int = 1_500_000
     max_spec_factor: float = 1.0
     calibrate: bool = True
     max_draft_batch: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("num_speculative_tokens", "max_depth", "window_steps", "max_history_tokens"):
+        for name in (
+            "num_speculative_tokens",
+            "max_depth",
+            "window_appearances",
+            "window_steps",
+            "max_history_tokens",
+            "max_prompt_tokens",
+            "max_global_tokens",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.window_rule not in WINDOW_RULES:
+            raise ValueError(f"window_rule={self.window_rule!r} must be one of {WINDOW_RULES}")
         cap = self.max_draft_batch
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
             raise ValueError(f"max_draft_batch={cap!r} must be a positive integer or None")

@@ -58,7 +58,7 @@ class _Request:
     live_id: tuple | None
     num_prompt_tokens: int
     # Forest handles, fixed while the request runs (its sequences and trees are removed only
-    # when it finishes or aborts; prompt trees are never dropped): -1 where absent.
+    # when it finishes or aborts; history holds its prompt tree until then): -1 where absent.
     own_slot: int
     own_root: int
     live_slot: int
@@ -133,7 +133,9 @@ class DrafterStats:
     drafts_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
     draft_tokens_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
     accepted_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
-    # The same three counts per RL step (key: step number) and per prompt key (all steps).
+    # The same three counts per RL step (key: step number) and per prompt key in the current
+    # step (cleared when a step begins: over a run of thousands of steps and tens of thousands
+    # of prompts, a table of every prompt ever seen would only grow).
     by_step: dict[int, dict[str, int]] = field(default_factory=dict)
     by_prompt: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -186,6 +188,11 @@ class DASDrafter:
             window_steps=self.config.window_steps,
             use_global_tree=self.config.use_global_tree,
             max_tokens=self.config.max_history_tokens,
+            window_appearances=self.config.window_appearances,
+            window_rule=self.config.window_rule,
+            max_prompt_tokens=self.config.max_prompt_tokens,
+            max_global_tokens=self.config.max_global_tokens,
+            use_prompt_trees=self.config.use_prompt_history,
         )
         self.step = 0
         self.stats = DrafterStats()
@@ -203,6 +210,7 @@ class DASDrafter:
     def begin_step(self, step: int | None = None) -> int:
         """Start RL step ``step`` (default: the next one); evicts history outside the window."""
         self.step = self.step + 1 if step is None else int(step)
+        self.stats.by_prompt.clear()
         self.history.begin_step(self.step)
         self.calibration.new_step()
         self._mean_length_of = self.history.mean_lengths()
@@ -224,6 +232,7 @@ class DASDrafter:
         key = prompt_key if prompt_key is not None else prompt_key_for(prompt)
         own_id = ("own", request_id)
         self.forest.append(own_id, prompt, tree=own_id)
+        self.history.hold(key)  # released in finish_request / _discard
         live_id = None
         live_slot = -1
         if self.config.use_prompt_history:
@@ -322,20 +331,23 @@ class DASDrafter:
         if finish_reason not in FINISHED_REASONS:
             self._discard(request)
             return
-        own = self.forest.sequence_tokens(request.own_id)
-        response = own[request.num_prompt_tokens :]
-        stops = np.flatnonzero(np.isin(response, np.fromiter(stop_token_ids, dtype=np.int64)))
-        if stops.size:
-            response = response[: stops[0] + 1]
-        self.forest.drop_tree(request.own_id)
-        if request.live_id is not None and len(response) == self.forest.sequence_length(
-            request.live_id
-        ):
-            self.history.adopt_live(request.prompt_key, self.step, request.live_id)
-        else:
-            if request.live_id is not None:
-                self.forest.remove(request.live_id)
-            self.history.add_rollout(request.prompt_key, self.step, response)
+        try:
+            own = self.forest.sequence_tokens(request.own_id)
+            response = own[request.num_prompt_tokens :]
+            stops = np.flatnonzero(np.isin(response, np.fromiter(stop_token_ids, dtype=np.int64)))
+            if stops.size:
+                response = response[: stops[0] + 1]
+            self.forest.drop_tree(request.own_id)
+            if request.live_id is not None and len(response) == self.forest.sequence_length(
+                request.live_id
+            ):
+                self.history.adopt_live(request.prompt_key, self.step, request.live_id)
+            else:
+                if request.live_id is not None:
+                    self.forest.remove(request.live_id)
+                self.history.add_rollout(request.prompt_key, self.step, response)
+        finally:  # the request has left: its prompt tree may go once its history empties
+            self.history.release(request.prompt_key)
 
     def abort_request(self, request_id: Hashable) -> None:
         """Drop a request that did not finish (aborted, preempted for good): no history."""
@@ -348,6 +360,7 @@ class DASDrafter:
         self.forest.drop_tree(request.own_id)
         if request.live_id is not None:
             self.forest.remove(request.live_id)
+        self.history.release(request.prompt_key)
 
     def _request(self, request_id: Hashable) -> _Request:
         request = self._requests.get(request_id)

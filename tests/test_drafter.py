@@ -106,16 +106,16 @@ def test_only_finished_rollouts_enter_history_and_stop_tokens_trim():
     drafter.abort_request("dropped")
     assert drafter.history.stats().num_rollouts == 0
     assert drafter.forest.num_sequences == 0  # nothing left behind
-    drafter.start_request("kept", PROMPT_A)
+    key = drafter.start_request("kept", PROMPT_A)
     drafter.extend_request("kept", [*RESPONSE[:6], 2, 77, 78, 79])  # 2 = stop token
     drafter.finish_request("kept", "stop", stop_token_ids=[2])
-    stored = drafter.forest.sequence_tokens(drafter.history._by_step[1][0])
+    stored = drafter.forest.sequence_tokens(drafter.history.rollout_ids(key)[0])
     assert stored.tolist() == [*RESPONSE[:6], 2]
     drafter.forest.check_integrity()
 
 
 def test_window_evicts_old_steps_without_rebuilding():
-    drafter = DASDrafter(prompt_only(window_steps=1, num_speculative_tokens=2))
+    drafter = DASDrafter(prompt_only(window_rule="steps", window_steps=1, num_speculative_tokens=2))
     drafter.begin_step(1)
     run_request(drafter, 1, PROMPT_A, RESPONSE)
     drafter.begin_step(2)  # window of 1: step 1 is still the last step
@@ -248,3 +248,5 @@ def test_stats_count_drafts_and_acceptance_per_length_class():
     assert stats.by_step == {2: {"drafts": 2, "draft_tokens": 7, "accepted": 5}}
     key_a = drafter.prompt_key("a")
     assert stats.by_prompt[key_a] == {"drafts": 1, "draft_tokens": 4, "accepted": 2}
+    drafter.begin_step(3)  # per-prompt counts cover the current step only: bounded by its prompts
+    assert stats.by_prompt == {} and 2 in stats.by_step

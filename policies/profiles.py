@@ -253,11 +253,6 @@ def fit_step_table(table: StepCostTable) -> StepCostModel:
     return dataclasses.replace(fitted, c_prefill=max(c_prefill, 0.0))
 
 
-@functools.lru_cache(maxsize=8)
-def _fitted_table_profile(name: str) -> StepCostModel:
-    return fit_step_table(step_table(name))
-
-
 def load_cost_model(spec: str | os.PathLike[str]) -> StepCostTable | StepCostModel:
     """Any cost model with ``times(shapes)``: the table model for a name in
     :data:`TABLE_PROFILES`, else what :func:`load_profile` reads."""
@@ -285,7 +280,7 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> StepCostModel:
     """
     text = os.fspath(name_or_path)
     if text in TABLE_PROFILES:
-        return _fitted_table_profile(text)
+        return policy_cost_model(step_table(text))
     if text in _H100_PROFILES:
         shape, num_layers = _H100_PROFILES[text]
         return h100_profile(shape=shape, num_layers=num_layers)

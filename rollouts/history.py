@@ -104,12 +104,14 @@ class HistoryStore:
         max_global_tokens: int | None = None,
         use_prompt_trees: bool = True,
     ) -> None:
+        max_prompt_tokens = max_tokens if max_prompt_tokens is None else max_prompt_tokens
+        max_global_tokens = max_tokens if max_global_tokens is None else max_global_tokens
         for name, value in (
             ("window_steps", window_steps),
             ("window_appearances", window_appearances),
             ("max_tokens", max_tokens),
-            ("max_prompt_tokens", max_tokens if max_prompt_tokens is None else max_prompt_tokens),
-            ("max_global_tokens", max_tokens if max_global_tokens is None else max_global_tokens),
+            ("max_prompt_tokens", max_prompt_tokens),
+            ("max_global_tokens", max_global_tokens),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -122,8 +124,8 @@ class HistoryStore:
         self.use_global_tree = use_global_tree
         self.use_prompt_trees = use_prompt_trees
         self.max_tokens = max_tokens
-        self.max_prompt_tokens = max_tokens if max_prompt_tokens is None else max_prompt_tokens
-        self.max_global_tokens = max_tokens if max_global_tokens is None else max_global_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_global_tokens = max_global_tokens
         # Least recently seen prompt first.
         self._prompts: OrderedDict[str, _PromptHistory] = OrderedDict()
         self._num_prompt_tokens = 0

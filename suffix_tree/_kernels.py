@@ -1,5 +1,6 @@
 """numba kernels of the suffix forest: the forest's record of arrays (``ForestState``, see
-``_state``), ints and arrays in; ints and arrays out; no other Python objects.
+``_state``), ints and arrays in; ints and arrays out; no other Python objects. This module
+stores, removes and checks; ``_draft_kernels`` drafts.
 
 Data layout (the fields of the record, owned and grown by :class:`suffix_tree.forest.SuffixForest`):
 
@@ -16,8 +17,8 @@ Data layout (the fields of the record, owned and grown by :class:`suffix_tree.fo
   that can still grow (start ``j`` among the last ``max_depth`` positions, ring index
   ``j % max_depth``),
   the deepest materialized node on its path and that node's depth.
-* ``draft_tokens`` / ``draft_probs``: the draft of :func:`speculate_one`; ``scratch_tokens`` /
-  ``scratch_probs``: the draft being walked. All four hold at least the largest budget asked for.
+* ``draft_tokens`` / ``draft_probs``, ``scratch_*``, ``walks``, ``walk_scores``: the output and
+  work space of the draft kernels, described in ``_draft_kernels``.
 
 Invariants (checked by :func:`recount_occurrences` through ``SuffixForest.check_integrity``):
 
@@ -55,7 +56,8 @@ M_HIGH_WATER = 0  # nodes ever handed out from the end of the pool
 M_FREE_HEAD = 1  # first freed node, -1 if none
 M_LIVE_NODES = 2
 M_LIVE_EDGES = 3
-NUM_META = 4
+M_DRAFT_CURSOR = 4  # draft_tokens / draft_probs before this index hold drafts already handed out
+NUM_META = 5
 
 # Status of append_tokens.
 APPENDED = 0
@@ -385,203 +387,6 @@ def remove_sequence(state, seq):
                 nodes[node, F_BEST_CHILD] = STALE  # rescanned when a draft reads it
             node = child
     state.seq_len[seq] = 0
-
-
-@njit(cache=True)
-def match_context(state, root, context, lo, hi):
-    """Walk ``context[lo:hi]`` from ``root``. Returns (node, implicit_depth), node -1 if absent.
-
-    ``implicit_depth`` > 0 means the position lies that many tokens below chain head ``node``.
-    The caller keeps ``hi - lo <= max_depth``.
-    """
-    nodes = state.nodes
-    seq_len = state.seq_len
-    node = root
-    implicit = 0
-    for i in range(lo, hi):
-        t = context[i]
-        if implicit > 0 or _is_chain_head(nodes, node, root):
-            ref_seq = nodes[node, F_REF_SEQ]
-            pos = nodes[node, F_REF_POS] + implicit
-            if ref_seq < 0 or pos >= seq_len[ref_seq]:
-                return np.int64(-1), np.int64(0)
-            if state.pool[state.seq_start[ref_seq] + pos] != t:
-                return np.int64(-1), np.int64(0)
-            implicit += 1
-        else:
-            child = find_child(state, node, t)
-            if child < 0:
-                return np.int64(-1), np.int64(0)
-            node = child
-    return np.int64(node), np.int64(implicit)
-
-
-@njit(cache=True)
-def _walk_draft(state, root, node, implicit, depth, max_tokens, min_token_prob):
-    # Greedy walk down the most frequent children into the scratch buffers; returns
-    # (num_tokens, score).
-    nodes = state.nodes
-    seq_len = state.seq_len
-    out_tokens = state.scratch_tokens
-    out_probs = state.scratch_probs
-    max_depth = state.max_depth
-    cumulative = 1.0
-    score = 0.0
-    num = 0
-    while num < max_tokens and depth < max_depth:
-        if implicit > 0 or _is_chain_head(nodes, node, root):
-            ref_seq = nodes[node, F_REF_SEQ]
-            pos = nodes[node, F_REF_POS] + implicit
-            if ref_seq < 0 or pos >= seq_len[ref_seq]:
-                break
-            token = state.pool[state.seq_start[ref_seq] + pos]
-            prob = 1.0
-            implicit += 1
-        else:
-            child = nodes[node, F_BEST_CHILD]
-            if child == STALE:
-                _rescan_best_child(nodes, node)
-                child = nodes[node, F_BEST_CHILD]
-            if child < 0:
-                break
-            token = nodes[child, F_TOKEN]
-            prob = nodes[child, F_COUNT] / nodes[node, F_COUNT]
-            node = child
-        cumulative *= prob
-        if cumulative < min_token_prob:
-            break
-        out_tokens[num] = token
-        out_probs[num] = prob
-        score += cumulative
-        num += 1
-        depth += 1
-    return num, score
-
-
-@njit(cache=True)
-def _speculate(
-    state, root, context, max_tokens, min_token_prob, max_spec_factor, out_tokens, out_probs
-):
-    """Best draft over every suffix match length of ``context`` (``len(context) <= max_depth``).
-
-    For each match length m (1 <= m <= max_depth, the last m tokens occurring in the tree),
-    walk the most frequent continuation (at most ``min(max_tokens, m * max_spec_factor)``
-    tokens, stopping when the cumulative probability falls below ``min_token_prob`` or at depth
-    ``max_depth``). The draft with the highest score (sum of cumulative probabilities) wins;
-    ties go to the longer match. Returns (num_tokens, match_len, score); the draft is written to
-    ``out_tokens`` / ``out_probs`` (per-token conditional probabilities). Precondition: the
-    state's scratch buffers hold ``max_tokens``.
-
-    Same result as trying m = 1, 2, ... in turn, with less work: occurrence is monotone in m
-    (a suffix that occurs has all its suffixes occurring), so the longest match is found by
-    binary search; then lengths go from long to short, where a score can be at most
-    ``min(max_tokens, m * max_spec_factor, max_depth - m)``: lengths that cannot beat the best
-    strictly are skipped, and once ``min(max_tokens, m * max_spec_factor)`` cannot, no shorter
-    length can either.
-    """
-    max_depth = state.max_depth
-    length = context.shape[0]
-    low = 0  # longest length known to match (0 always does)
-    high = min(length, max_depth)
-    while low < high:
-        mid = (low + high + 1) // 2
-        node, implicit = match_context(state, root, context, length - mid, length)
-        if node >= 0:
-            low = mid
-        else:
-            high = mid - 1
-    best_num = 0
-    best_match = low
-    best_score = 0.0 if low > 0 else -1.0
-    first = True
-    for match_len in range(low, 0, -1):
-        budget = min(max_tokens, np.int64(match_len * max_spec_factor + 1e-6))
-        if not first and budget <= best_score:
-            break
-        if not first and min(budget, max_depth - match_len) <= best_score:
-            continue
-        node, implicit = match_context(state, root, context, length - match_len, length)
-        num, score = _walk_draft(state, root, node, implicit, match_len, budget, min_token_prob)
-        if first or score > best_score:
-            best_score = score
-            best_match = match_len
-            best_num = num
-            out_tokens[:num] = state.scratch_tokens[:num]
-            out_probs[:num] = state.scratch_probs[:num]
-        first = False
-    if best_score < 0.0:
-        best_score = 0.0
-    return best_num, best_match, best_score
-
-
-@njit(cache=True)
-def speculate_one(state, root, context, max_tokens, min_token_prob, max_spec_factor):
-    """:func:`_speculate` on the last ``max_depth`` tokens of ``context``, the draft written to
-    the state's ``draft_tokens`` / ``draft_probs``; returns (num_tokens, match_len, score).
-
-    The per-call entry point: one boxed argument for the tree, three numbers back. A negative
-    token in ``context`` returns match_len -1 and no draft (the caller raises). Precondition:
-    the draft buffers hold ``max_tokens``.
-    """
-    for i in range(context.shape[0]):
-        if context[i] < 0:
-            return 0, -1, 0.0
-    begin = max(0, context.shape[0] - state.max_depth)
-    return _speculate(
-        state,
-        root,
-        context[begin:],
-        max_tokens,
-        min_token_prob,
-        max_spec_factor,
-        state.draft_tokens,
-        state.draft_probs,
-    )
-
-
-@njit(cache=True)
-def speculate_rows(
-    state,
-    roots,
-    context_slots,
-    max_tokens,
-    min_token_prob,
-    max_spec_factor,
-    out_tokens,
-    out_probs,
-    out_num,
-    out_score,
-    out_match,
-):
-    """Row i: :func:`_speculate` in the tree at ``roots[i]`` with the context taken from the last
-    ``max_depth`` tokens of sequence slot ``context_slots[i]``. A negative root or a budget of 0
-    gives an empty draft. Precondition: the scratch buffers hold ``max(max_tokens)``."""
-    seq_start = state.seq_start
-    for i in range(roots.shape[0]):
-        out_num[i] = 0
-        out_score[i] = 0.0
-        out_match[i] = 0
-        root = roots[i]
-        if root < 0 or max_tokens[i] <= 0:
-            continue
-        slot = context_slots[i]
-        end = seq_start[slot] + state.seq_len[slot]
-        begin = max(seq_start[slot], end - state.max_depth)
-        if end == begin:
-            continue
-        num, match_len, score = _speculate(
-            state,
-            root,
-            state.pool[begin:end],
-            max_tokens[i],
-            min_token_prob,
-            max_spec_factor,
-            out_tokens[i],
-            out_probs[i],
-        )
-        out_num[i] = num
-        out_score[i] = score
-        out_match[i] = match_len
 
 
 @njit(cache=True)

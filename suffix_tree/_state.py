@@ -29,10 +29,12 @@ FIELDS = (
     "seq_alive",  # bool[num_slots]
     "active_node",  # int32[num_slots, max_depth]: per growing suffix, deepest node on its path
     "active_depth",  # int32[num_slots, max_depth]: that node's depth
-    "draft_tokens",  # int32[draft capacity]: output of speculate_one
-    "draft_probs",  # float64[draft capacity]
-    "scratch_tokens",  # int32[draft capacity]: the draft being walked
-    "scratch_probs",  # float64[draft capacity]
+    "draft_tokens",  # int32[>= 4096]: the drafts of speculate_one, one after the other
+    "draft_probs",  # float64[same]
+    "scratch_tokens",  # int32[max_depth + 1, draft capacity]: row m, the draft from length m
+    "scratch_probs",  # float64[max_depth + 1, draft capacity]
+    "walks",  # int64[max_depth + 1, NUM_WALK_FIELDS]: per match length, see _draft_kernels
+    "walk_scores",  # float64[max_depth + 1, NUM_SCORE_FIELDS]
     "max_depth",  # int64
 )
 
@@ -85,6 +87,8 @@ else:
         draft_probs,
         scratch_tokens,
         scratch_probs,
+        walks,
+        walk_scores,
         max_depth,
     ):
         # The one place that lists every field: a cached constructor (the proxy's default one
@@ -106,6 +110,8 @@ else:
             draft_probs,
             scratch_tokens,
             scratch_probs,
+            walks,
+            walk_scores,
             max_depth,
         )
 
@@ -131,6 +137,8 @@ def array_addresses(state):
         state.draft_probs.ctypes.data,
         state.scratch_tokens.ctypes.data,
         state.scratch_probs.ctypes.data,
+        state.walks.ctypes.data,
+        state.walk_scores.ctypes.data,
     )
 
 

@@ -10,7 +10,8 @@ import numpy as np
 @dataclass(slots=True)
 class Draft:
     """A proposed continuation (treat as read-only; not frozen, to keep construction cheap on
-    the per-call path).
+    the per-call path). The arrays of :meth:`SuffixForest.speculate` are views of the forest's
+    draft buffers (48 KiB), which no later call writes again; a draft keeps its buffer alive.
 
     Attributes:
         tokens: int32 draft tokens, in order.

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from suffix_tree import _draft_kernels as D
 from suffix_tree import _kernels as K
 from suffix_tree._state import FIELDS, ForestState, array_addresses, entry_point
 from suffix_tree.draft import Draft, DraftBatch
@@ -19,7 +20,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_DEPTH = 24
 _APPEND_CHUNK = 256  # bounds the worst-case node reservation of one kernel call
 _NO_FACTOR_LIMIT = 1e9
+# Draft tokens of speculate calls, one region after the other, before new buffers are needed:
+# 48 KiB (int32 tokens and float64 probabilities), which a draft keeps alive while it lives.
+_DRAFT_REGION = 4096
 _INT32 = np.dtype(np.int32)
+_NDARRAY = np.ndarray  # a module global: one lookup less on the per-call path
 # Shared by every empty draft (a Draft is read-only; these cannot be written).
 _NO_TOKENS = np.zeros(0, np.int32)
 _NO_TOKENS.flags.writeable = False
@@ -83,16 +88,19 @@ class SuffixForest:
         self._tree_of_seq: dict[Hashable, Hashable] = {}
         self._root_of: dict[Hashable, int] = {}
         self._seqs_in_tree: dict[Hashable, set[Hashable]] = {}
-        self._draft_tokens = np.zeros(64, dtype=np.int32)
-        self._draft_probs = np.zeros(64, dtype=np.float64)
-        self._scratch_tokens = np.zeros(64, dtype=np.int32)
-        self._scratch_probs = np.zeros(64, dtype=np.float64)
-        self._draft_capacity = 64  # length of the four draft buffers
+        # Drafts of speculate are views of these, written one after the other (_draft_kernels).
+        self._draft_tokens = np.zeros(_DRAFT_REGION, dtype=np.int32)
+        self._draft_probs = np.zeros(_DRAFT_REGION, dtype=np.float64)
+        self._scratch_tokens = np.zeros((self.max_depth + 1, 64), dtype=np.int32)
+        self._scratch_probs = np.zeros((self.max_depth + 1, 64), dtype=np.float64)
+        self._draft_capacity = 64  # the largest budget the scratch buffers hold
+        self._walks = np.zeros((self.max_depth + 1, D.NUM_WALK_FIELDS), dtype=np.int64)
+        self._walk_scores = np.zeros((self.max_depth + 1, D.NUM_SCORE_FIELDS), dtype=np.float64)
         self._state = self._build_state()
         warm_up_kernels()
         # The two per-call kernels, called without numba's argument typing (see entry_point).
         self._append_tokens = entry_point(K.append_tokens)
-        self._speculate_one = entry_point(K.speculate_one)
+        self._speculate_one = entry_point(D.speculate_one)
 
     def _build_state(self) -> ForestState:
         """The record of the current arrays that every kernel takes. Invariant: rebuilt
@@ -159,7 +167,7 @@ class SuffixForest:
                     f"seq_id={seq_id!r} belongs to tree={self._tree_of_seq[seq_id]!r}, "
                     f"not tree={tree!r}"
                 )
-            fast = type(tokens) is np.ndarray and tokens.dtype is _INT32 and tokens.ndim == 1
+            fast = type(tokens) is _NDARRAY and tokens.dtype is _INT32 and tokens.ndim == 1
             if fast and not tokens.flags.carray:
                 fast = False
             array = tokens if fast else to_token_array(tokens, "tokens")
@@ -226,41 +234,75 @@ class SuffixForest:
         drops below ``min_token_prob``, or at depth ``max_depth``. The best score wins, ties to
         the longer match. An empty context or an unknown/empty tree gives an empty draft.
         """
-        # The per-call path: cheap checks for the usual argument types, anything else takes the
-        # validating helpers; the kernel checks for negative tokens and keeps the last max_depth
-        # tokens itself, and writes the draft into the forest's draft buffers.
-        if type(max_tokens) is not int or not 0 < max_tokens <= self._draft_capacity:
-            max_tokens = check_positive_int(max_tokens, "max_tokens")
-            if max_tokens > self._draft_capacity:
-                self._grow_draft_buffers(max_tokens)
-        if type(min_token_prob) is not float or not 0.0 <= min_token_prob <= 1.0:
-            min_token_prob = check_probability(min_token_prob, "min_token_prob")
+        # The per-call path: the argument types the kernel is compiled for (a C-contiguous,
+        # writeable, aligned int32 context, an int budget, a float probability) go straight to it;
+        # it checks the values itself and refuses (begin < 0) what the checked path must handle:
+        # a bad value (raised there), a budget beyond the buffers, a full draft buffer.
+        if (
+            type(context) is _NDARRAY
+            and context.dtype is _INT32
+            and context.ndim == 1
+            and context.flags.carray
+            and type(max_tokens) is int
+            and type(min_token_prob) is float
+            and (max_spec_factor is None or type(max_spec_factor) is float)
+        ):
+            root = self._root_of.get(tree)
+            if root is not None:
+                begin, end, match_len, score = self._speculate_one(
+                    self._state,
+                    root,
+                    context,
+                    max_tokens,
+                    min_token_prob,
+                    _NO_FACTOR_LIMIT if max_spec_factor is None else max_spec_factor,
+                )
+                if end > begin:
+                    # Views: the kernel never writes a region again once it returned it.
+                    return Draft(
+                        self._draft_tokens[begin:end],
+                        self._draft_probs[begin:end],
+                        score,
+                        match_len,
+                    )
+                if begin >= 0:
+                    return Draft(_NO_TOKENS, _NO_PROBS, score, match_len)
+        return self._speculate_checked(context, max_tokens, tree, min_token_prob, max_spec_factor)
+
+    def _speculate_checked(
+        self,
+        context: Iterable[int] | np.ndarray,
+        max_tokens: int,
+        tree: Hashable,
+        min_token_prob: float,
+        max_spec_factor: float | None,
+    ) -> Draft:
+        """:meth:`speculate` for any argument types: validates (``ValueError`` naming the value),
+        makes room in the draft buffers, then calls the kernel."""
+        max_tokens = check_positive_int(max_tokens, "max_tokens")
+        min_token_prob = check_probability(min_token_prob, "min_token_prob")
         if max_spec_factor is None:
             factor = _NO_FACTOR_LIMIT
         else:
             factor = float(max_spec_factor)
             if not factor > 0:
                 raise ValueError(f"max_spec_factor={max_spec_factor} must be > 0")
-        # Only the kernel's own array type (C-contiguous, writeable, aligned int32) goes as is.
-        if (
-            type(context) is not np.ndarray
-            or context.dtype is not _INT32
-            or context.ndim != 1
-            or not context.flags.carray
-        ):
-            context = to_token_array(context, "context")
+        context = to_token_array(context, "context")
         root = self._root_of.get(tree)
         if root is None:
             return Draft.empty()
-        num, match_len, score = self._speculate_one(
+        if max_tokens > self._draft_capacity:
+            self._grow_draft_buffers(max_tokens)
+        if self._meta[K.M_DRAFT_CURSOR] + max_tokens > self._draft_tokens.shape[0]:
+            self._new_draft_region(max_tokens)
+        begin, end, match_len, score = self._speculate_one(
             self._state, root, context, max_tokens, min_token_prob, factor
         )
-        if num:
+        assert begin >= 0, "speculate kernel refused checked arguments"
+        if end > begin:
             return Draft(
-                self._draft_tokens[:num].copy(), self._draft_probs[:num].copy(), score, match_len
+                self._draft_tokens[begin:end], self._draft_probs[begin:end], score, match_len
             )
-        if match_len < 0:
-            to_token_array(context.copy(), "context")  # raises, naming the negative token
         return Draft(_NO_TOKENS, _NO_PROBS, score, match_len)
 
     # ---------------------------------------------------------------------- batch APIs
@@ -336,7 +378,7 @@ class SuffixForest:
             match_lens=np.zeros(rows, dtype=np.int64),
         )
         if rows:
-            K.speculate_rows(
+            D.speculate_rows(
                 self._state,
                 roots,
                 context_slots,
@@ -509,12 +551,21 @@ class SuffixForest:
         self._state = self._build_state()
 
     def _grow_draft_buffers(self, size: int) -> None:
-        size = max(size, 2 * self._draft_tokens.shape[0])
+        """Scratch buffers for budgets up to ``size`` (doubling), and a draft region that holds
+        such a budget."""
+        size = max(size, 2 * self._draft_capacity)
+        self._scratch_tokens = np.zeros((self.max_depth + 1, size), dtype=np.int32)
+        self._scratch_probs = np.zeros((self.max_depth + 1, size), dtype=np.float64)
+        self._draft_capacity = size
+        self._new_draft_region(size)
+
+    def _new_draft_region(self, max_tokens: int) -> None:
+        """Fresh draft buffers, written from index 0. The old ones are left to the drafts that
+        hold views of them (a buffer lives as long as one of its drafts)."""
+        size = max(_DRAFT_REGION, max_tokens)
         self._draft_tokens = np.zeros(size, dtype=np.int32)
         self._draft_probs = np.zeros(size, dtype=np.float64)
-        self._scratch_tokens = np.zeros(size, dtype=np.int32)
-        self._scratch_probs = np.zeros(size, dtype=np.float64)
-        self._draft_capacity = size
+        self._meta[K.M_DRAFT_CURSOR] = 0
         self._state = self._build_state()
 
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from suffix_tree import SuffixForest, SuffixTree, _kernels, _state
+from suffix_tree import SuffixForest, SuffixTree, _draft_kernels, _kernels, _state
 
 
 @pytest.fixture
@@ -80,8 +80,8 @@ def test_kernels_are_compiled_at_construction_and_first_call_is_fast():
         _kernels.append_tokens,
         _kernels.append_rows,
         _kernels.remove_sequence,
-        _kernels.speculate_one,
-        _kernels.speculate_rows,
+        _draft_kernels.speculate_one,
+        _draft_kernels.speculate_rows,
         _kernels.rehash,
         _kernels.recount_occurrences,
         _kernels.find_child,
@@ -181,6 +181,22 @@ def test_growth_rebuilds_the_kernels_record():
     assert draft.match_len == 1
     forest.check_integrity()  # also checks that the record holds the current arrays
     assert [forest.sequence_length(i) for i in range(40)] == [50] * 40
+
+
+def test_a_draft_keeps_its_tokens_while_later_drafts_fill_and_replace_the_buffers():
+    forest = SuffixForest(max_depth=6)
+    # "1 2" is followed by 3 three times and by 7 once: the draft is 3 4 5 6 (3/4, then 1).
+    forest.append(0, [1, 2, 3, 4, 5, 6] * 3 + [1, 2, 7])
+    first = forest.speculate(np.array([1, 2], np.int32), 4, min_token_prob=0.0)
+    assert first.tokens.tolist() == [3, 4, 5, 6]
+    # Drafts are views of the forest's draft buffers: 3,000 later drafts of 4 tokens (other
+    # tokens, by both the per-call and the checked path) fill more than two buffers' worth.
+    contexts = [np.array([5], np.int32), [6]]  # a list takes the checked path
+    later = [forest.speculate(contexts[i % 2], 4, min_token_prob=0.0) for i in range(3000)]
+    assert first.tokens.tolist() == [3, 4, 5, 6]
+    np.testing.assert_allclose(first.probs, [0.75, 1.0, 1.0, 1.0])
+    assert later[0].tokens.tolist() == [6, 1, 2, 3]
+    assert all(d.tokens.tolist() == [1, 2, 3, 4] for d in later[1::2])
 
 
 def test_churn_compacts_the_token_pool_and_keeps_contents():

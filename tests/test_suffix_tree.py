@@ -107,6 +107,48 @@ def test_max_spec_factor_matches_oracle(max_depth, sequences, queries):
         assert_same_draft(batch.row(0), expected)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    max_depth=st.integers(8, 14),
+    sequences=st.lists(st.lists(SMALL_VOCAB, min_size=1, max_size=40), min_size=1, max_size=4),
+    cuts=st.lists(st.tuples(st.integers(0, 200), st.integers(1, 16)), min_size=1, max_size=6),
+    noise=st.lists(SMALL_VOCAB | st.just(7), min_size=1, max_size=16),
+    max_tokens=st.integers(1, 16),
+    factor=SPEC_FACTORS,
+)
+def test_deep_trees_match_oracle_on_long_contexts(
+    max_depth, sequences, cuts, noise, max_tokens, factor
+):
+    # Contexts cut from stored text match up to max_depth tokens (every match length is walked,
+    # those from 7 on side by side); changed or random ones, sometimes ending in the never stored
+    # token 7, match a few tokens or none.
+    tree = SuffixForest(max_depth=max_depth, initial_nodes=16)
+    oracle = NaiveSuffixForest(max_depth)
+    for seq_id, tokens in enumerate(sequences):
+        tree.append(seq_id, tokens)
+        oracle.append(seq_id, tokens)
+    tree.check_integrity()
+    contexts = []
+    for pick, size in cuts:
+        tokens = sequences[pick % len(sequences)]
+        end = pick % len(tokens) + 1
+        cut = tokens[max(0, end - size) : end]
+        # The same text with one token changed 7 to 10 tokens before the end: the matches of 7
+        # and more tokens (walked side by side) fail partway, often on the implicit chain
+        # below a node that occurs once.
+        changed = list(cut)
+        at = max(0, len(cut) - 7 - pick % 4)
+        changed[at] = (changed[at] + 1) % 4
+        contexts += [cut, changed]
+    for context in [*contexts, noise, [*contexts[0], *noise]]:
+        for budget, min_prob in ((1, 0.0), (max_tokens, 0.0), (max_tokens, 0.3)):
+            expected = oracle.speculate(
+                context, budget, min_token_prob=min_prob, max_spec_factor=factor
+            )
+            got = tree.speculate(context, budget, min_token_prob=min_prob, max_spec_factor=factor)
+            assert_same_draft(got, expected)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     sequences=st.lists(st.lists(SMALL_VOCAB, min_size=1, max_size=12), min_size=1, max_size=4),
@@ -158,6 +200,21 @@ def test_ties_go_to_the_smaller_token_and_the_longer_match():
     tree.extend(2, [4, 5, 6])
     draft = tree.speculate([4, 5], max_tokens=1, min_token_prob=0.0)
     assert draft.match_len == 2 and draft.tokens.tolist() == [6]
+
+
+def test_a_long_match_fails_inside_a_once_seen_text_while_a_shorter_one_holds():
+    tree = SuffixTree(max_depth=12)
+    tree.extend("once", [9, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11])
+    tree.extend("other", [1, 2, 3, 4, 5, 6, 7, 5])
+    # [9] occurs once, so the text after it is an implicit chain: the 9-token suffix follows it
+    # for 7 tokens and then differs (5, not 8), while the 8-token suffix is all of "other". The
+    # longest match is 8 tokens, with nothing after it; the best draft comes from [5], followed
+    # by 6 in 2 of its 3 occurrences, then 7 always. Continuing the chain instead would draft
+    # [10, 11] from a 9-token match.
+    draft = tree.speculate([9, 1, 2, 3, 4, 5, 6, 7, 5], max_tokens=2, min_token_prob=0.0)
+    assert draft.tokens.tolist() == [6, 7]
+    assert draft.match_len == 1
+    assert draft.score == pytest.approx(2 / 3 + 2 / 3)
 
 
 def test_min_token_prob_stops_the_draft():

@@ -375,6 +375,27 @@ class DASDrafter:
     def num_running(self) -> int:
         return len(self._requests)
 
+    def check_integrity(self) -> None:
+        """Walk every tree (slow) and check that the forest holds what history says it holds.
+
+        With no request running, the forest's sequences are exactly history's, and their tokens
+        are history's count: a finished or aborted request that left a sequence behind fails.
+        Raises ``AssertionError`` naming the first inconsistency.
+        """
+        self.forest.check_integrity()
+        held = self.history.held_sequence_ids()
+        stored = sum(self.forest.sequence_length(seq_id) for seq_id in held)
+        if stored != self.history.num_stored_tokens:
+            raise AssertionError(
+                f"history counts {self.history.num_stored_tokens} tokens, its sequences "
+                f"hold {stored}"
+            )
+        if not self._requests and self.forest.num_sequences != len(held):
+            raise AssertionError(
+                f"no request running, yet the forest holds {self.forest.num_sequences} "
+                f"sequences and history {len(held)}"
+            )
+
     def prompt_key(self, request_id: Hashable) -> str:
         return self._request(request_id).prompt_key
 

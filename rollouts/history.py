@@ -285,6 +285,13 @@ class HistoryStore:
             return []
         return [r.seq_id for r in history.rollouts if r.seq_id is not None]
 
+    def held_sequence_ids(self) -> list[Hashable]:
+        """Every forest sequence the store holds: prompt-tree rollouts, then global copies."""
+        held = [r.seq_id for h in self._prompts.values() for r in h.rollouts]
+        held = [seq_id for seq_id in held if seq_id is not None]
+        held.extend(r.seq_id for r in self._global)
+        return held
+
     @property
     def num_prompt_tokens(self) -> int:
         """Tokens of all prompts' histories (counted even where only lengths are kept)."""

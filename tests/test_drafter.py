@@ -250,3 +250,17 @@ def test_stats_count_drafts_and_acceptance_per_length_class():
     assert stats.by_prompt[key_a] == {"drafts": 1, "draft_tokens": 4, "accepted": 2}
     drafter.begin_step(3)  # per-prompt counts cover the current step only: bounded by its prompts
     assert stats.by_prompt == {} and 2 in stats.by_step
+
+
+def test_integrity_check_finds_a_sequence_no_request_or_history_holds():
+    drafter = DASDrafter(DASConfig(calibrate=False, num_speculative_tokens=4))
+    drafter.begin_step(1)
+    run_request(drafter, "kept", PROMPT_A, RESPONSE)
+    drafter.start_request("dropped", PROMPT_B)
+    drafter.extend_request("dropped", RESPONSE)
+    drafter.check_integrity()  # a running request's sequences are allowed
+    drafter.abort_request("dropped")
+    drafter.check_integrity()
+    drafter.forest.append(("stray", 0), np.asarray(RESPONSE, np.int32), tree="stray")
+    with pytest.raises(AssertionError, match="forest holds"):
+        drafter.check_integrity()

@@ -39,6 +39,7 @@ from das import methods
 from das.config import DASConfig
 from das.drafter import DASDrafter
 from das.vllm import plugin as vllm_plugin
+from das.vllm.faults import DraftFault
 from policies.cost_model import OnlineCostFitter, StepCostModel
 from policies.profiles import MEASURED_CPU_PROFILE, load_profile
 
@@ -200,6 +201,7 @@ class DASProposer:
         self.num_failures = 0
         self.disabled = False
         self.propose_s = 0.0  # wall time inside propose (drafting, bookkeeping, policy)
+        self.fault: DraftFault | None = None  # test-only (das.vllm.faults); None in real runs
         logger.info(
             "DAS proposer: K=%d policy=%s cost prior=%s config=%s",
             self.num_speculative_tokens,
@@ -267,6 +269,8 @@ class DASProposer:
         token_ids_cpu: np.ndarray,
     ) -> list[list[int]]:
         now = self._clock()
+        if self.fault is not None:
+            self.fault.before_propose()
         runner = self._runner
         if runner is None:
             raise RuntimeError("no model runner attached: das.vllm.plugin is not active")
@@ -301,6 +305,9 @@ class DASProposer:
             caps = np.minimum(caps, self.max_model_len - 1 - lengths[rows])
             proposal = self.drafter.propose([request_ids[i] for i in rows], max_tokens=caps)
             tokens, counts = proposal.drafts.tokens, proposal.drafts.num_tokens
+            if self.fault is not None:
+                last = token_ids_cpu[rows, lengths[rows] - 1]
+                self.fault.corrupt(tokens, last.astype(tokens.dtype), self.vocab_size)
             valid = (tokens >= 0) & (tokens < self.vocab_size)
             first_invalid = np.where(valid.all(axis=1), tokens.shape[1], np.argmin(valid, axis=1))
             counts = np.minimum(counts, first_invalid)
@@ -499,6 +506,31 @@ def _extra_args(state: Any) -> dict[str, Any]:
 class DASWorkerExtension:
     """``worker_extension_cls``: lets ``llm.collective_rpc("das_stats")`` read the drafter."""
 
-    def das_stats(self) -> dict[str, Any] | None:
+    def _das_proposer(self) -> DASProposer | None:
         drafter = getattr(getattr(self, "model_runner", None), "drafter", None)
-        return drafter.stats() if isinstance(drafter, DASProposer) else None
+        return drafter if isinstance(drafter, DASProposer) else None
+
+    def das_stats(self) -> dict[str, Any] | None:
+        proposer = self._das_proposer()
+        return proposer.stats() if proposer is not None else None
+
+    def das_check_integrity(self) -> str | None:
+        """Walk every history tree (slow): the first inconsistency found, else None."""
+        proposer = self._das_proposer()
+        if proposer is None:
+            return "no DAS proposer in this worker"
+        try:
+            proposer.drafter.check_integrity()
+        except AssertionError as error:
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    def das_set_fault(self, mode: str | None, every: int = 1, seed: int = 0) -> dict | None:
+        """Test only: install a :class:`~das.vllm.faults.DraftFault` (``None`` removes it);
+        returns the counters of the fault it replaces."""
+        proposer = self._das_proposer()
+        if proposer is None:
+            return None
+        old = proposer.fault
+        proposer.fault = None if mode is None else DraftFault(mode, every=every, seed=seed)
+        return None if old is None else {"num_calls": old.num_calls, "num_raised": old.num_raised}

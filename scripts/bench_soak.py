@@ -23,16 +23,18 @@ steps and at the end. Then it checks (``checks`` in the JSON):
 * memory at the last step within 10% of memory at the middle step (1,000 vs 2,000 by default);
 * memory never above ``bound_bytes`` = (history budget + global budget) x ``--bytes-per-token``
   + ``fixed_overhead_bytes`` (the running requests' tokens at the same rate, a router
-  allowance of ``ROUTER_BYTES_PER_PROMPT`` per dataset prompt, ``BASE_OVERHEAD_BYTES``);
+  allowance of ``ROUTER_BYTES_PER_PROMPT`` per prompt its map can hold, ``BASE_OVERHEAD_BYTES``);
 * the Python-side tables' peak in the last quarter within ``PYTHON_MAPS_TOLERANCE`` of their
   peak in the second quarter, and no forest tree beyond the history's prompts and the global
   tree at any step's end;
 * the median drafter time of the last 200 steps within ``--flat-tolerance`` of the first 200;
 * zero integrity errors, no drafter failure, and drafts made.
 
-The router's map is kept whole by design (one entry per prompt ever routed): it is measured and
-allowed for per dataset prompt, not per step. RSS is recorded and its middle-to-last ratio
-reported, but not checked (it includes the allocator's free lists and the imported libraries).
+The router's map holds one entry per prompt routed, up to its ``max_prompts``
+(``--router-max-prompts``, least recently routed evicted first): it is measured and allowed for
+per prompt it can hold (``min(N, max_prompts)``), not per step. RSS is recorded and its
+middle-to-last ratio reported, but not checked (it includes the allocator's free lists and the
+imported libraries).
 
 Full run (about 7 minutes on 2 idle cores)::
 
@@ -67,7 +69,7 @@ DEFAULT_TRACE = ROOT / "tests" / "data" / "trace_small.parquet"
 # Allocated forest capacity per budgeted token: arrays grow by doubling, so right after a
 # doubling they hold twice HISTORY_BYTES_PER_TOKEN (measured at fill) per stored token.
 DEFAULT_BYTES_PER_TOKEN = 2 * HISTORY_BYTES_PER_TOKEN
-ROUTER_BYTES_PER_PROMPT = 256  # one dict entry + its key string (soak_cpu.json: 81)
+ROUTER_BYTES_PER_PROMPT = 256  # one map entry + its key string (soak_cpu.json: 81, a dict)
 BASE_OVERHEAD_BYTES = 4 << 20  # initial forest arrays, drafter and history objects
 NUM_REPLICAS = 4
 # Python-side maps follow the history's prompt count, which varies a little from step to step.
@@ -90,6 +92,7 @@ class SoakSettings:
     bytes_per_token: int = DEFAULT_BYTES_PER_TOKEN
     flat_tolerance: float = 0.25
     use_router: bool = True
+    router_max_prompts: int = 65_536  # das.verl.router.DEFAULT_MAX_PROMPTS
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -220,14 +223,15 @@ class _Clock:
             self.seconds += time.perf_counter() - start
 
 
-def build_router(num_replicas: int) -> tuple[Any, str]:
-    """The prompt-affine load balancer over ``num_replicas`` placeholder replicas, and the
-    sampling ``extra_args`` name it reads prompt keys from (both need verl)."""
+def build_router(num_replicas: int, max_prompts: int) -> tuple[Any, str]:
+    """The prompt-affine load balancer over ``num_replicas`` placeholder replicas, keeping at
+    most ``max_prompts`` prompts, and the sampling ``extra_args`` name it reads prompt keys
+    from (both need verl)."""
     from das.verl.agent_loop import PROMPT_KEY_ARG
     from das.verl.router import PromptAffineLoadBalancer
 
     replicas = {f"replica-{i}": f"handle-{i}" for i in range(num_replicas)}
-    return PromptAffineLoadBalancer(replicas), PROMPT_KEY_ARG
+    return PromptAffineLoadBalancer(replicas, {"max_prompts": max_prompts}), PROMPT_KEY_ARG
 
 
 def run_soak(
@@ -243,7 +247,11 @@ def run_soak(
         max_prompt_tokens=min(DASConfig.max_prompt_tokens, settings.max_history_tokens),
     )
     drafter = drafter_factory(config)
-    router, key_arg = build_router(NUM_REPLICAS) if settings.use_router else (None, "")
+    router, key_arg = (
+        build_router(NUM_REPLICAS, settings.router_max_prompts)
+        if settings.use_router
+        else (None, "")
+    )
     prompts_of = step_prompts(settings)
     rng = np.random.default_rng(settings.seed + 1)
     process = psutil.Process()
@@ -319,7 +327,7 @@ def run_soak(
                 "history_prompt_tokens": drafter.history.num_prompt_tokens,
                 "history_prompts": len(drafter.history._prompts),
                 "forest_trees": drafter.forest.num_trees,
-                "router_prompts": 0 if router is None else len(router._server_of_prompt),
+                "router_prompts": 0 if router is None else router.num_prompts,
                 "draft_tokens": counts.get("draft_tokens", 0),
                 "accepted_tokens": counts.get("accepted", 0),
             }
@@ -368,10 +376,13 @@ def summarize(
 ) -> dict:
     """The soak's bound, memory ratio, drafter-time trend and pass/fail checks."""
     budget_tokens = settings.max_history_tokens + settings.max_global_tokens
+    router_allowance = (
+        min(settings.num_prompts, settings.router_max_prompts) * ROUTER_BYTES_PER_PROMPT
+        if settings.use_router
+        else 0
+    )
     fixed_overhead = (
-        max_in_flight * settings.bytes_per_token
-        + settings.num_prompts * (ROUTER_BYTES_PER_PROMPT if settings.use_router else 0)
-        + BASE_OVERHEAD_BYTES
+        max_in_flight * settings.bytes_per_token + router_allowance + BASE_OVERHEAD_BYTES
     )
     bound = budget_tokens * settings.bytes_per_token + fixed_overhead
     memory = np.array([row["memory_bytes"] for row in rows], dtype=np.int64)
@@ -412,9 +423,7 @@ def summarize(
         "fixed_overhead_bytes": fixed_overhead,
         "fixed_overhead_parts": {
             "in_flight_tokens_x_bytes_per_token": max_in_flight * settings.bytes_per_token,
-            "router_allowance": settings.num_prompts * ROUTER_BYTES_PER_PROMPT
-            if settings.use_router
-            else 0,
+            "router_allowance": router_allowance,
             "base": BASE_OVERHEAD_BYTES,
         },
         "bound_bytes": bound,
@@ -504,6 +513,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bytes-per-token", type=int, default=defaults.bytes_per_token)
     parser.add_argument("--flat-tolerance", type=float, default=defaults.flat_tolerance)
     parser.add_argument("--no-router", action="store_true", help="leave the router out")
+    parser.add_argument(
+        "--router-max-prompts",
+        type=int,
+        default=defaults.router_max_prompts,
+        help="the router's max_prompts (prompt -> replica entries kept)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--json", type=Path, default=None, help="JSON to write (PNG beside it)")
     args = parser.parse_args(argv)
@@ -523,6 +538,7 @@ def main(argv: list[str] | None = None) -> dict:
         bytes_per_token=args.bytes_per_token,
         flat_tolerance=args.flat_tolerance,
         use_router=not args.no_router,
+        router_max_prompts=args.router_max_prompts,
         seed=args.seed,
     )
     report = run_soak(settings, args.trace)

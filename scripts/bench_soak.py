@@ -36,7 +36,7 @@ per prompt it can hold (``min(N, max_prompts)``), not per step. RSS is recorded 
 middle-to-last ratio reported, but not checked (it includes the allocator's free lists and the
 imported libraries).
 
-Full run (about 7 minutes on 2 idle cores)::
+Full run (about 14 minutes on 2 idle cores)::
 
     python scripts/bench_soak.py --json benchmarks/results/soak_cpu.json
 """

@@ -39,6 +39,7 @@ import numpy as np
 
 from das.bench.replay_report import COST_DEPENDENT_METHODS, compare_methods
 from das.methods import METHODS, build_drafter
+from das.vllm.engine import read_cpuinfo_field
 from policies.cost_model import StepCostModel
 from policies.profiles import load_profile
 from rollouts.replay import ReplayConfig, replay_step
@@ -224,14 +225,8 @@ def timed(function: Callable[[], object]) -> tuple[dict[str, float], object]:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else the machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.machine()
+    """The CPU's model name, else the machine type."""
+    return read_cpuinfo_field("model name") or platform.machine()
 
 
 # ------------------------------------------------------------------------------- main

@@ -23,6 +23,7 @@ that the scheduler process and the drafter need.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -47,17 +48,26 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def read_cpu_flags(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> frozenset[str]:
-    """The flags of the first CPU in ``cpuinfo``; empty when the file is absent or has none."""
+CPUINFO = "/proc/cpuinfo"  # Linux's description of the CPUs
+
+
+def read_cpuinfo_field(field: str, cpuinfo: str | os.PathLike[str] = CPUINFO) -> str | None:
+    """The first CPU's ``field`` in ``cpuinfo`` (e.g. ``"flags"``, ``"model name"``); None when
+    the file is absent or has no such field."""
     try:
         text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return frozenset()
+        return None
     for line in text.splitlines():
         name, separator, value = line.partition(":")
-        if separator and name.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+        if separator and name.strip() == field:
+            return value.strip()
+    return None
+
+
+def read_cpu_flags(cpuinfo: str | os.PathLike[str] = CPUINFO) -> frozenset[str]:
+    """The flags of the first CPU in ``cpuinfo``; empty when the file is absent or has none."""
+    return frozenset((read_cpuinfo_field("flags", cpuinfo) or "").split())
 
 
 def choose_dtype(requested: str, cpu_flags: Iterable[str], cuda: bool) -> tuple[str, str]:
@@ -280,6 +290,13 @@ def make_llm(
         enforce_eager=enforce_eager,
         **kwargs,
     )
+
+
+def shutdown_llm(llm: vllm.LLM) -> None:
+    """Stop an engine's processes now (not when the object is collected), so that the next
+    engine started in this process never runs beside it."""
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
 
 
 def chat_prompt_token_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:

@@ -31,6 +31,7 @@ from das.verl.hook import (
     engine_kwargs_from_args,
     verl_vllm_engine_args,
 )
+from das.vllm.engine import shutdown_llm
 from rollouts.prompts import format_gsm8k_messages, load_prompts
 
 pytestmark = pytest.mark.slow
@@ -167,11 +168,6 @@ def start_engine(config):
     return vllm.LLM(**engine_kwargs_from_args(engine_args))
 
 
-def shutdown(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    gc.collect()
-
-
 def sampling_dicts(config, greedy: bool) -> list[dict[str, Any]]:
     """verl's per-request sampling dict (AgentLoopWorker.generate_sequences), one per sample."""
     rollout = config.actor_rollout_ref.rollout
@@ -278,7 +274,7 @@ def test_greedy_rollouts_identical_with_and_without_das(configs, das_run, prompt
         assert llm.llm_engine.vllm_config.speculative_config is None
         baseline_tokens = generate(llm, das_run["greedy"], RESPONSE_LENGTH)
     finally:
-        shutdown(llm)
+        shutdown_llm(llm)
     assert das_run["tokens"] == baseline_tokens
     # The groups' GRPO advantages (verl's own function and GSM8K reward) are not all zero, so
     # the identical tokens above mean identical, non-trivial training signal.

@@ -11,7 +11,6 @@ Every DAS step must equal the plain engine's output token for token.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 
@@ -19,7 +18,7 @@ import pytest
 
 from das.default_model import resolve_model
 from das.vllm.api import das_llm, das_stats
-from das.vllm.engine import chat_prompt_token_ids, make_llm
+from das.vllm.engine import chat_prompt_token_ids, make_llm, shutdown_llm
 from rollouts.prompts import format_gsm8k_messages, load_prompts
 
 pytestmark = pytest.mark.slow
@@ -51,16 +50,14 @@ def runs():
             outputs.append([list(r.outputs[0].token_ids) for r in results])
             stats.append(das_stats(llm)["drafter"][0])
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        gc.collect()
+        shutdown_llm(llm)
     plain = make_llm(None, dtype="float32", max_model_len=1024, async_scheduling=False)
     try:
         baseline = [
             list(r.outputs[0].token_ids) for r in plain.generate(prompts, params, use_tqdm=False)
         ]
     finally:
-        plain.llm_engine.engine_core.shutdown()
-        gc.collect()
+        shutdown_llm(plain)
     return outputs, stats, baseline
 
 

@@ -10,7 +10,6 @@ the engine dies). float32 throughout, so greedy outputs can be compared token fo
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
@@ -22,7 +21,7 @@ import pytest
 
 from das.default_model import resolve_model
 from das.vllm.api import das_llm, das_stats
-from das.vllm.engine import chat_prompt_token_ids, make_llm
+from das.vllm.engine import chat_prompt_token_ids, make_llm, shutdown_llm
 from rollouts.prompts import format_gsm8k_messages, load_prompts
 
 pytestmark = pytest.mark.slow
@@ -40,12 +39,6 @@ COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, " * 3 + "1, 2, 3,"
 # The model continues " the" (p~0.9), then the next token is uncertain (park ~0.24,
 # store ~0.21, ...) while the request's own context drafts " park" or " store".
 AMBIGUOUS = "Alice went to the park. Bob went to the store. Carol went to"
-
-
-def shutdown(llm: object) -> None:
-    """Stop an engine's processes now, so that two engines never run at once."""
-    llm.llm_engine.engine_core.shutdown()
-    gc.collect()
 
 
 def timed(label: str, action: Callable[[], object]) -> object:
@@ -92,14 +85,14 @@ def baseline(prompts) -> list:
     try:
         return run_greedy_steps(llm, prompts, "baseline")
     finally:
-        shutdown(llm)
+        shutdown_llm(llm)
 
 
 @pytest.fixture(scope="module")
 def llm():
     engine = timed("DAS start", lambda: das_llm(None, das=DAS, num_speculative_tokens=K, **ENGINE))
     yield engine
-    shutdown(engine)
+    shutdown_llm(engine)
 
 
 @pytest.fixture(scope="module")

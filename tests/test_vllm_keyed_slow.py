@@ -14,7 +14,6 @@ earlier steps' rollouts.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 
@@ -22,7 +21,7 @@ import pytest
 
 from das.default_model import resolve_model
 from das.vllm.api import das_llm, spec_decode_counters
-from das.vllm.engine import chat_prompt_token_ids, make_llm
+from das.vllm.engine import chat_prompt_token_ids, make_llm, shutdown_llm
 from das.vllm.keyed import position_keyed_params
 from rollouts.prompts import format_gsm8k_messages, load_prompts
 
@@ -41,11 +40,6 @@ CONFIGS = {  # name -> sampling parameters
     "T=1.0": {"temperature": 1.0},
     "T=0.6 top_p=0.9": {"temperature": 0.6, "top_p": 0.9},
 }
-
-
-def shutdown(llm: object) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    gc.collect()
 
 
 def seed_of(config: int, step: int, prompt: int, sample: int) -> int:
@@ -123,7 +117,7 @@ def baseline(prompts) -> dict:
     try:
         return run_workload(llm, prompts, "no speculation")
     finally:
-        shutdown(llm)
+        shutdown_llm(llm)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +126,7 @@ def speculative(prompts, baseline) -> dict:  # after the baseline: never two eng
     try:
         return run_workload(llm, prompts, "DAS")
     finally:
-        shutdown(llm)
+        shutdown_llm(llm)
 
 
 def first_difference(a: list[int], b: list[int]) -> int:

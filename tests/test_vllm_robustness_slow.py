@@ -20,7 +20,6 @@ equal the baseline's token for token:
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from typing import Any
@@ -30,7 +29,7 @@ import pytest
 
 from das.default_model import resolve_model
 from das.vllm.api import das_llm, das_stats
-from das.vllm.engine import chat_prompt_token_ids, make_llm
+from das.vllm.engine import chat_prompt_token_ids, make_llm, shutdown_llm
 from das.vllm.keyed import position_keyed_params
 from rollouts.prompts import format_gsm8k_messages, load_prompts
 
@@ -77,11 +76,6 @@ def engine_settings() -> dict[str, Any]:
         "kv_cache_gib": kv_cache_gib(),
         "seed": 0,
     }
-
-
-def shutdown(llm: object) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    gc.collect()
 
 
 def num_preemptions(llm) -> int:
@@ -222,7 +216,7 @@ def baseline(prompts, tokenizer) -> dict:
     try:
         return run_workload(llm, prompts, tokenizer, "baseline", das=False)
     finally:
-        shutdown(llm)
+        shutdown_llm(llm)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +225,7 @@ def speculative(prompts, tokenizer, baseline) -> dict:  # after the baseline: on
     try:
         return run_workload(llm, prompts, tokenizer, "DAS", das=True)
     finally:
-        shutdown(llm)
+        shutdown_llm(llm)
 
 
 def delta(after: dict, before: dict | None, key: str) -> int:

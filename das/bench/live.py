@@ -17,7 +17,6 @@ No module here imports numba: vLLM's spawned engine process re-imports ``__main_
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import time
@@ -519,9 +518,10 @@ class MethodSession:
     def close(self) -> None:
         """Shut the engine down (idempotent)."""
         if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
+            from das.vllm.engine import shutdown_llm
+
+            shutdown_llm(self.llm)
             self.llm = None
-            gc.collect()
 
 
 def run_method(

@@ -1,30 +1,36 @@
-"""How far a length-aware budget policy could cut a step's decode iterations: a replay ceiling.
+"""How far any budget policy could take DAS's drafter on a trace: a replay ceiling.
 
-An RL step lasts as many iterations as its slowest request takes, so the one way a budget
-policy cuts iterations without paying for drafts everywhere is to spend them on the request
-that will finish last. This benchmark replays one recorded trace (``das-rollout record``) with
-the same drafter under five budget policies, in one run, under one step cost model:
+An RL step lasts as many iterations as its slowest request takes. This benchmark replays one
+trace with the same drafter under several budget policies, in one run, under one step cost
+model, next to the baselines the targets are stated against:
 
 * ``none``: no speculation (the baseline of every ratio);
+* ``suffix_global``: the vLLM-suffix-like global tree at a fixed K;
 * ``das_fixed``: every request drafts up to K (the most a policy can draft);
 * ``das_policy``: DAS's cost-model policy (expected tokens per second of each step);
 * ``makespan_predicted``: :func:`policies.budget.makespan_budgets` with the remaining lengths
   a live engine can predict (prompt history and age, :func:`predicted_remaining_tokens`);
 * ``makespan_oracle``: the same objective given each request's true remaining length, which
-  only a replay knows: the ceiling of any length predictor.
+  only a replay knows: the ceiling of any length predictor;
+* ``oracle_drafts``: ``das_fixed``'s drafts cut to the prefix the trace accepts, as a policy
+  that knew every draft's fate would verify them. It runs ``das_fixed``'s iterations without
+  one wasted draft token, so no budget policy over this drafter's drafts can beat its time by
+  more than what idling a draft that would be accepted saves.
 
-It prints, per method, the iterations and modelled time of steps 2.. against ``none`` and
-writes them to JSON. Iterations are exact under the replay's acceptance model (a draft token
-is accepted while it equals the recorded token); time is the cost model's.
+It prints, per method, the iterations and modelled time of steps 2.. against ``none`` (and the
+time against ``suffix_global``), the slowest request of each step, and writes JSON (and with
+``--plot`` a bar chart). Iterations are exact under the replay's acceptance model (a draft
+token is accepted while it equals the recorded token); time is the cost model's.
 
     das-rollout record --num-prompts 32 --samples 8 --steps 4 --temperature 0.6 \\
         --max-tokens 512 --output rl_t06.parquet
-    python scripts/bench_policy_ceiling.py --trace rl_t06.parquet
+    python scripts/bench_policy_ceiling.py --trace rl_t06.parquet --cost h100
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -43,7 +49,14 @@ from policies.budget import (
     makespan_budgets,
     predicted_remaining_tokens,
 )
-from policies.cost_model import StepCostModel, parse_cost_spec
+from policies.cost_model import StepCostModel
+from policies.profiles import (
+    MEASURED_CPU_PROFILE,
+    TABLE_PROFILES,
+    CostModel,
+    load_cost_model,
+    policy_cost_model,
+)
 from rollouts.replay import StepResult, replay_step
 from rollouts.trace import RolloutRecord, group_by_step, read_trace
 
@@ -52,7 +65,15 @@ logger = logging.getLogger("bench_policy_ceiling")
 # The online fit of the live RL benchmark's DAS engine
 # (benchmarks/results/rollout_cpu_sequential.json).
 LIVE_CPU_COST = "0.0363,0.00078"
-METHODS = ("none", "das_fixed", "das_policy", "makespan_predicted", "makespan_oracle")
+METHODS = (
+    "none",
+    "suffix_global",
+    "das_fixed",
+    "das_policy",
+    "makespan_predicted",
+    "makespan_oracle",
+    "oracle_drafts",
+)
 
 
 class MakespanPolicy(BudgetPolicy):
@@ -74,35 +95,58 @@ class MakespanPolicy(BudgetPolicy):
         )
 
 
-class OracleLengths:
-    """A drafter wrapper that tells its policy each request's true remaining length.
+class TraceView:
+    """A drafter wrapper that knows the step's recorded responses (which only a replay has).
 
-    Request ids are the row indices ``replay_step`` gives; ``lengths`` are the step's recorded
-    response lengths, set before each step.
+    It tells a policy each request's true remaining length (:meth:`remaining`), counts each
+    request's forward passes, and with ``cut_drafts`` cuts every draft to the prefix the trace
+    accepts: the drafts a policy that knew acceptance in advance would verify. Request ids are
+    the row indices ``replay_step`` gives; call :meth:`set_step` before each step.
     """
 
-    def __init__(self, drafter: DASDrafter) -> None:
+    def __init__(self, drafter: DASDrafter, cut_drafts: bool = False) -> None:
         self.drafter = drafter
-        self.lengths = np.zeros(0, dtype=np.int64)
+        self.cut_drafts = cut_drafts
+        self.responses: list[np.ndarray] = []
         self.generated: dict[Hashable, int] = {}
+        self.passes: dict[Hashable, int] = {}
         self.current = np.zeros(0)
+
+    def set_step(self, records: Sequence[RolloutRecord]) -> None:
+        self.responses = [np.asarray(r.response_tokens) for r in records]
 
     def remaining(self, batch: BatchView) -> np.ndarray:
         return self.current
 
     def begin_step(self, step: int | None = None) -> int:
         self.generated.clear()
+        self.passes.clear()
         return self.drafter.begin_step(step)
 
     def start_request(self, request_id: Hashable, prompt_tokens: Any, prompt_key: Any = None):
         self.generated[request_id] = 0
+        self.passes[request_id] = 0
         return self.drafter.start_request(request_id, prompt_tokens, prompt_key)
 
     def propose(self, request_ids: Sequence[Hashable]) -> Any:
         self.current = np.array(
-            [self.lengths[i] - self.generated[i] for i in request_ids], dtype=np.float64
+            [self.responses[i].size - self.generated[i] for i in request_ids], dtype=np.float64
         )
-        return self.drafter.propose(request_ids)
+        for request_id in request_ids:
+            self.passes[request_id] += 1
+        proposal = self.drafter.propose(request_ids)
+        if not self.cut_drafts:
+            return proposal
+        drafts = proposal.drafts
+        num_tokens = drafts.num_tokens.copy()
+        for row, request_id in enumerate(request_ids):
+            truth = self.responses[request_id][self.generated[request_id] :]
+            draft = drafts.tokens[row, : min(int(num_tokens[row]), truth.size)]
+            mismatch = np.flatnonzero(draft != truth[: draft.size])
+            num_tokens[row] = mismatch[0] if mismatch.size else draft.size
+        cut = dataclasses.replace(drafts, num_tokens=num_tokens)
+        budgets = np.minimum(proposal.budgets, num_tokens)
+        return dataclasses.replace(proposal, drafts=cut, budgets=budgets)
 
     def extend_many(self, request_ids: Sequence[Hashable], tokens: Sequence[np.ndarray]) -> None:
         for request_id, produced in zip(request_ids, tokens, strict=True):
@@ -116,85 +160,144 @@ class OracleLengths:
 
 
 def replay_method(
-    method: str, steps: dict[int, list[RolloutRecord]], cost: StepCostModel, k: int
-) -> list[StepResult]:
-    """Replay every step of the trace in order with one drafter of ``method``."""
+    method: str, steps: dict[int, list[RolloutRecord]], cost: CostModel, k: int
+) -> tuple[list[StepResult], list[dict[str, int]]]:
+    """Replay every step of the trace in order with one drafter of ``method``, priced by
+    ``cost`` (a policy plans with :func:`~policies.profiles.policy_cost_model` of it).
+
+    Returns the step results and, per step, the slowest request's forward passes and tokens.
+    """
+    plan = policy_cost_model(cost)
     settings = DASConfig(num_speculative_tokens=k, policy="cost_model")
-    oracle = None
     if method == "none":
-        drafter = None
-    elif method in ("das_fixed", "das_policy"):
-        name = "das_fixed" if method == "das_fixed" else "das_cost_model"
-        drafter = methods.build_drafter(name, cost, k)
+        view = None
+    elif method in ("suffix_global", "das_fixed", "das_policy", "oracle_drafts"):
+        name = {"das_policy": "das_cost_model", "oracle_drafts": "das_fixed"}.get(method, method)
+        view = TraceView(methods.build_drafter(name, plan, k), cut_drafts=method == "oracle_drafts")
     elif method == "makespan_predicted":
 
         def predicted(batch: BatchView) -> np.ndarray:
             return predicted_remaining_tokens(batch.generated_tokens, batch.expected_lengths)
 
-        drafter = DASDrafter(settings, policy=MakespanPolicy(cost, k, predicted), cost=cost)
+        view = TraceView(DASDrafter(settings, policy=MakespanPolicy(plan, k, predicted), cost=plan))
     elif method == "makespan_oracle":
-        oracle = OracleLengths(DASDrafter(settings, cost=cost))
-        oracle.drafter.policy = MakespanPolicy(cost, k, oracle.remaining)
-        drafter = oracle
+        view = TraceView(DASDrafter(settings, cost=plan))
+        view.drafter.policy = MakespanPolicy(plan, k, view.remaining)
     else:
         raise ValueError(f"method={method!r} must be one of {METHODS}")
-    results = []
+    results, slowest = [], []
     for step in sorted(steps):
-        if oracle is not None:
-            oracle.lengths = np.array([r.num_response_tokens for r in steps[step]], np.int64)
-        results.append(replay_step(step, steps[step], drafter, cost))
-    return results
+        records = steps[step]
+        if view is not None:
+            view.set_step(records)
+        results.append(replay_step(step, records, view, cost))
+        if view is None:
+            row = int(np.argmax([r.num_response_tokens for r in records]))
+            passes = records[row].num_response_tokens
+        else:
+            row, passes = max(view.passes.items(), key=lambda item: item[1])
+        slowest.append(
+            {"row": int(row), "passes": int(passes), "tokens": records[row].num_response_tokens}
+        )
+    return results, slowest
 
 
 def summarise(runs: dict[str, list[StepResult]]) -> dict[str, dict[str, float]]:
-    """Per method, steps 2.. against ``none``: iterations ratio and modelled speed-up."""
+    """Per method, steps 2.. against ``none``: iterations, time and the worst step's time."""
     base = runs["none"][1:]
     base_passes = sum(r.forward_passes for r in base)
     base_s = sum(r.modelled_s for r in base)
+    suffix_s = sum(r.modelled_s for r in runs["suffix_global"][1:])
     summary = {}
     for method, results in runs.items():
         later = results[1:]
         summary[method] = {
             "iterations_vs_none": sum(r.forward_passes for r in later) / base_passes,
             "speedup_vs_none": base_s / sum(r.modelled_s for r in later),
+            "time_vs_none": sum(r.modelled_s for r in later) / base_s,
+            "time_vs_suffix_global": sum(r.modelled_s for r in later) / suffix_s,
+            "slowest_step_time_vs_none": max(
+                r.modelled_s / b.modelled_s for r, b in zip(later, base, strict=True)
+            ),
             "draft_tokens": float(sum(r.draft_tokens for r in later)),
         }
     return summary
+
+
+def plot_ceiling(runs: dict[str, list[StepResult]], title: str, path: Path) -> None:
+    """Bars of each step's modelled time against ``none``, per method (steps 2..)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = runs["none"][1:]
+    names = [name for name in runs if name != "none"]
+    width = 0.8 / max(1, len(base))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for index, step in enumerate(base):
+        ratios = [runs[name][index + 1].modelled_s / step.modelled_s for name in names]
+        ax.bar(
+            np.arange(len(names)) + (index - (len(base) - 1) / 2) * width,
+            ratios,
+            width,
+            label=f"step {step.step + 1}",
+        )
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(names)), names, rotation=20)
+    ax.set_ylabel("modelled step time / no speculation")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", type=Path, required=True, help="a das-rollout record trace")
     parser.add_argument(
-        "--cost", default=LIVE_CPU_COST, help=f"step cost model (default: {LIVE_CPU_COST})"
+        "--cost",
+        default=LIVE_CPU_COST,
+        help=f"step cost model: 'cpu' (this project's measured CPU curve), a measured table "
+        f"name ({', '.join(TABLE_PROFILES)}), a profile file or 'c_base,c_tok[,...]' "
+        f"(default: {LIVE_CPU_COST}, the live CPU fit)",
     )
     parser.add_argument("--k", type=int, default=16, help="num_speculative_tokens")
     parser.add_argument(
         "--json", type=Path, default=Path("benchmarks/results/policy_ceiling_cpu.json")
     )
+    parser.add_argument("--plot", type=Path, help="write a bar chart of step times here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.trace.is_file():
         parser.error(f"--trace {args.trace} does not exist (record one: see this script's doc)")
-    cost = parse_cost_spec(args.cost)
+    try:
+        cost = load_cost_model(MEASURED_CPU_PROFILE if args.cost == "cpu" else args.cost)
+    except ValueError as error:
+        parser.error(f"--cost {args.cost!r}: {error}")
     steps = group_by_step(read_trace(args.trace))
     if len(steps) < 2:
         parser.error(f"--trace {args.trace} has {len(steps)} step(s); the ratios need >= 2")
-    runs = {m: replay_method(m, steps, cost, args.k) for m in tqdm(METHODS, desc="replay")}
+    replays = {m: replay_method(m, steps, cost, args.k) for m in tqdm(METHODS, desc="replay")}
+    runs = {method: results for method, (results, _) in replays.items()}
     summary = summarise(runs)
     for method, row in summary.items():
         passes = [r.forward_passes for r in runs[method]]
         logger.info(
-            "%-19s iterations per step %s  steps 2.. vs none: iterations %.2fx, "
-            "modelled speed %.2fx, %d draft tokens",
+            "%-19s iterations per step %s  steps 2.. vs none: iterations %.3fx, time %.3fx "
+            "(worst step %.3fx; %.3fx suffix_global), %d draft tokens",
             method,
             passes,
             row["iterations_vs_none"],
-            row["speedup_vs_none"],
+            row["time_vs_none"],
+            row["slowest_step_time_vs_none"],
+            row["time_vs_suffix_global"],
             row["draft_tokens"],
         )
     report = {
-        "command": "python scripts/bench_policy_ceiling.py --trace " + str(args.trace),
+        "command": f"python scripts/bench_policy_ceiling.py --trace {args.trace.name} "
+        f"--cost {args.cost} --json {args.json.name}",
         "cost_model": args.cost,
         "num_speculative_tokens": args.k,
         "steps": {
@@ -206,8 +309,9 @@ def main(argv: list[str] | None = None) -> None:
                     "draft_tokens": r.draft_tokens,
                     "accepted_tokens": r.accepted_tokens,
                     "mean_accepted_len": r.mean_accepted_len,
+                    "slowest_request": slow,
                 }
-                for r in results
+                for r, slow in zip(results, replays[method][1], strict=True)
             ]
             for method, results in runs.items()
         },
@@ -216,6 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     logger.info("wrote %s", args.json)
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_ceiling(runs, f"{args.trace.name}, cost {args.cost}, K = {args.k}", args.plot)
+        logger.info("wrote %s", args.plot)
 
 
 if __name__ == "__main__":

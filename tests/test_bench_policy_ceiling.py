@@ -24,9 +24,19 @@ def test_ceiling_benchmark_writes_every_method_and_the_oracle_knows_lengths(tmp_
     bench = load_script()
     out = tmp_path / "ceiling.json"
     bench.main(
-        ["--trace", str(ROOT / "tests" / "data" / "trace_small.parquet"), "--json", str(out)]
+        [
+            "--trace",
+            str(ROOT / "tests" / "data" / "trace_small.parquet"),
+            "--cost",
+            "h100",
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "ceiling.png"),
+        ]
     )
     report = json.loads(out.read_text())
+    assert (tmp_path / "ceiling.png").stat().st_size > 0
     steps = report["steps"]
     assert set(steps) == set(bench.METHODS)
     assert all(len(rows) == 3 for rows in steps.values())
@@ -41,6 +51,16 @@ def test_ceiling_benchmark_writes_every_method_and_the_oracle_knows_lengths(tmp_
             assert row["decode_iterations"] <= longest
     # The oracle spends drafts on the binding request: it saves iterations.
     assert summary["makespan_oracle"]["iterations_vs_none"] < 1.0
+    # Drafts cut at their first rejected token: every one is accepted, the iterations are K =
+    # 16's, and no step costs more than K = 16's, under the measured H100 table.
+    for cut, full in zip(steps["oracle_drafts"], steps["das_fixed"], strict=True):
+        assert cut["accepted_tokens"] == cut["draft_tokens"] > 0
+        assert cut["decode_iterations"] == full["decode_iterations"]
+        assert cut["modelled_s"] < full["modelled_s"]
+        assert cut["slowest_request"] == full["slowest_request"]
+    # The slowest request of a step without drafts is its longest response.
+    for row in steps["none"]:
+        assert row["slowest_request"]["passes"] == row["slowest_request"]["tokens"] == longest
 
 
 def test_ceiling_benchmark_names_a_missing_trace(tmp_path, capsys) -> None:

@@ -49,6 +49,10 @@ class DASConfig:
             text draft little, where the tree's count ratios are least trustworthy.
         calibrate: scale each source's draft probabilities by its observed acceptance
             (accepted / expected tokens over recent drafts) before choosing sources and budgets.
+        reliability_calibration: with ``calibrate``, also map each draft's predicted cumulative
+            acceptance to the rate observed for such predictions (``das.reliability``) before
+            the budget policy sees it. Off by default: measured in replays only (see
+            docs/long-tail.md), not yet in a live engine.
         max_draft_batch: draft only for batches of at most this many requests (``None``: any
             size). An RL step lasts until its slowest request finishes; in a large batch most
             accepted tokens belong to requests that would not have ended the step, so they save
@@ -72,6 +76,7 @@ class DASConfig:
     max_global_tokens: int = 1_500_000
     max_spec_factor: float = 1.0
     calibrate: bool = True
+    reliability_calibration: bool = False
     max_draft_batch: int | None = None
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from das.config import DASConfig
+from das.reliability import ReliabilityCalibration
 from policies.budget import BatchView, BudgetPolicy, LengthClass, LengthClassPolicy
 from policies.cost_model import OnlineCostFitter, StepCostModel
 from rollouts.history import GLOBAL_TREE, HistoryStore, prompt_tree
@@ -70,6 +71,8 @@ class _Request:
     pending_source: int = -1
     pending_bucket: int = 0
     pending_probs: np.ndarray | None = None  # raw conditional probabilities of the draft
+    # Its cumulative acceptance as the (source, bucket) factors predicted it, per position.
+    pending_cumulative: np.ndarray | None = None
 
 
 NUM_MATCH_BUCKETS = 5  # match lengths 1, 2-3, 4-7, 8-15, 16+
@@ -200,6 +203,7 @@ class DASDrafter:
         self._requests: dict[Hashable, _Request] = {}
         self._num_started = 0
         self.calibration = AcceptanceCalibration(len(SOURCES))
+        self.reliability = ReliabilityCalibration()
         enabled = (
             self.config.use_prompt_history,
             self.config.use_global_tree,
@@ -216,6 +220,7 @@ class DASDrafter:
             del self.stats.by_step[old_step]
         self.history.begin_step(self.step)
         self.calibration.new_step()
+        self.reliability.new_step()
         self._mean_length_of = self.history.mean_lengths()
         self._class_of = self.length_classes.classify(self._mean_length_of)
         return self.step
@@ -306,6 +311,8 @@ class DASDrafter:
         )
         np.add.at(self.calibration.accepted, (sources, buckets), accepted)
         np.add.at(self.calibration.expected, (sources, buckets), expected)
+        for i, num_accepted in zip(rows, accepted, strict=True):
+            self.reliability.record(requests[i].pending_cumulative, int(num_accepted))
         self.stats.num_accepted_tokens += int(accepted.sum())
         for i, num_accepted in zip(rows, accepted, strict=True):
             request = requests[i]
@@ -465,7 +472,10 @@ class DASDrafter:
         drafts = _gather(batches, chosen, rows, k)
         buckets = match_bucket(drafts.match_lens)
         # Calibrated cumulative acceptance probabilities: what the policy decides from.
-        cumulative = self._calibrated(drafts, factors[chosen, buckets])
+        predicted = self._calibrated(drafts, factors[chosen, buckets])
+        cumulative = predicted
+        if self.config.calibrate and self.config.reliability_calibration:
+            cumulative = self.reliability.apply(predicted)
         sources = np.where(drafts.num_tokens > 0, chosen, -1).astype(np.int8)
         budgets = caps
         if shape is not None:
@@ -481,6 +491,7 @@ class DASDrafter:
             request.pending_source = int(sources[i])
             request.pending_bucket = int(buckets[i])
             request.pending_probs = drafts.probs[i, :num].copy()
+            request.pending_cumulative = predicted[i, :num].copy()
         self._count(requests, drafts, sources)
         return Proposal(drafts, sources, budgets)
 

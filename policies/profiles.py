@@ -255,8 +255,11 @@ def fit_step_table(table: StepCostTable) -> StepCostModel:
 
 def load_cost_model(spec: str | os.PathLike[str]) -> StepCostTable | StepCostModel:
     """Any cost model with ``times(shapes)``: the table model for a name in
-    :data:`TABLE_PROFILES`, else what :func:`load_profile` reads."""
+    :data:`TABLE_PROFILES`, ``"cpu"`` for this project's measured CPU curve
+    (:data:`MEASURED_CPU_PROFILE`), else what :func:`load_profile` reads."""
     text = os.fspath(spec)
+    if text == "cpu":
+        text = os.fspath(MEASURED_CPU_PROFILE)
     if text in TABLE_PROFILES:
         return step_table(text)
     return load_profile(text)

@@ -51,7 +51,6 @@ from policies.budget import (
 )
 from policies.cost_model import StepCostModel
 from policies.profiles import (
-    MEASURED_CPU_PROFILE,
     TABLE_PROFILES,
     CostModel,
     load_cost_model,
@@ -273,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.trace.is_file():
         parser.error(f"--trace {args.trace} does not exist (record one: see this script's doc)")
     try:
-        cost = load_cost_model(MEASURED_CPU_PROFILE if args.cost == "cpu" else args.cost)
+        cost = load_cost_model(args.cost)
     except ValueError as error:
         parser.error(f"--cost {args.cost!r}: {error}")
     steps = group_by_step(read_trace(args.trace))

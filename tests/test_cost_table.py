@@ -199,6 +199,8 @@ def test_profiles_load_from_the_package_alone(tmp_path, monkeypatch) -> None:
 def test_load_cost_model_keeps_specs_and_gemm_profiles() -> None:
     assert load_cost_model("0.01,0.002") == parse_cost_spec("0.01,0.002")
     assert load_cost_model("h100_7b") == load_profile("h100_7b")
+    # "cpu" names the packaged CPU measurement, not a file in the working directory.
+    assert load_cost_model("cpu") == load_profile(MEASURED_CPU_PROFILE)
 
 
 @pytest.mark.skipif(not FIT_REPORT.is_file(), reason="no fit report in this checkout")

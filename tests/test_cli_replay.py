@@ -73,3 +73,27 @@ def test_max_num_seqs_caps_the_running_requests(tmp_path):
     assert all(c > u for c, u in zip(capped, unbounded, strict=True))
     with pytest.raises(SystemExit, match="--max-num-seqs=0 must be >= 1"):
         main(["replay", str(SMALL_TRACE), "--methods", "none", "--max-num-seqs", "0"])
+
+
+def test_das_options_reach_the_drafters_and_bad_keys_are_named(tmp_path):
+    def draft_tokens(*extra: str) -> int:
+        out = tmp_path / "replay.json"
+        main(
+            [
+                "--log-level", "WARNING", "replay", str(SMALL_TRACE), "--methods", "das_fixed",
+                "--cost", "flat=0.01,0.00001", "--jobs", "1", "--json", str(out), *extra,
+            ]
+        )  # fmt: skip
+        steps = json.loads(out.read_text())["cost_models"]["flat"]["methods"]["das_fixed"]
+        return sum(s["draft_tokens"] for s in steps["steps"])
+
+    everywhere = draft_tokens()
+    # Drafting only in batches of at most 16 requests: only where a step is down to its tail.
+    tail_only = draft_tokens("--das-option", "max_draft_batch=16")
+    assert 0 < tail_only < everywhere / 4
+    with pytest.raises(SystemExit, match=r"unknown DAS config key\(s\) \['warp'\]"):
+        main(["replay", str(SMALL_TRACE), "--methods", "none", "--das-option", "warp=1"])
+    with pytest.raises(SystemExit, match="max_draft_batch=0"):
+        main(["replay", str(SMALL_TRACE), "--methods", "none", "--das-option", "max_draft_batch=0"])
+    with pytest.raises(SystemExit, match="'max_draft_batch' must be KEY=VALUE"):
+        main(["replay", str(SMALL_TRACE), "--methods", "none", "--das-option", "max_draft_batch"])

@@ -254,7 +254,7 @@ def test_keyed_sampling_params_seed_each_rollout_by_prompt_sample_and_step() -> 
 
 def test_das_options_are_parsed_as_json_and_checked_before_any_engine_starts() -> None:
     from das.bench.live import LiveWorkload
-    from das.cli.run import parse_das_options
+    from das.cli.args import parse_das_options
 
     options = parse_das_options(["max_draft_batch=16", "calibrate=false", "policy=fixed"])
     assert options == (("max_draft_batch", 16), ("calibrate", False), ("policy", "fixed"))

@@ -106,8 +106,9 @@ def _replay_job(
     cost: CostModel,
     k: int,
     config: ReplayConfig | None = None,
+    das_options: Mapping[str, Any] | None = None,
 ) -> tuple[list[StepResult], dict[str, int] | None]:
-    drafter = build_drafter(method, policy_cost_model(cost), k)
+    drafter = build_drafter(method, policy_cost_model(cost), k, **(das_options or {}))
     replayed = replay_trace(steps, drafter, cost, config)
     wins = dict(drafter.stats.tokens_by_source) if isinstance(drafter, DASDrafter) else None
     return replayed, wins
@@ -121,9 +122,11 @@ def compare_methods(
     progress: bool = True,
     jobs: int | None = None,
     config: ReplayConfig | None = None,
+    das_options: Mapping[str, Any] | None = None,
 ) -> Comparison:
     """Replay every method on ``records`` under every cost model, through the engine model
-    ``config`` (default :class:`~rollouts.replay.ReplayConfig`).
+    ``config`` (default :class:`~rollouts.replay.ReplayConfig`); ``das_options`` override
+    :class:`~das.config.DASConfig` keys of the DAS methods' drafters.
 
     Replays are independent, so they run in ``jobs`` worker processes (default: one per CPU),
     the slowest kinds first so that no worker is left with a long replay at the end.
@@ -153,6 +156,7 @@ def compare_methods(
                 cost_models[cost_name] if cost_name else first_cost,
                 num_speculative_tokens,
                 config,
+                das_options,
             ): (method, cost_name)
             for method, cost_name in work
         }

@@ -7,10 +7,11 @@ rejects its arguments before it loads prompts or starts an engine.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 def positive_int(text: str) -> int:
@@ -121,3 +122,34 @@ def resolve_dtype_or_exit(command: str, dtype: str) -> str:
         return resolve_dtype(dtype)
     except ValueError as error:
         usage_error(command, f"argument --dtype: {error}")
+
+
+def add_das_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--das-option KEY=VALUE`` (repeatable): a DAS config key for the DAS methods' ``what``."""
+    parser.add_argument(
+        "--das-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"a DAS config key for the DAS methods' {what} (repeatable; VALUE is JSON, e.g. "
+        "max_draft_batch=16, calibrate=false, or a bare string)",
+    )
+
+
+def parse_das_options(items: list[str]) -> tuple[tuple[str, Any], ...]:
+    """``["key=value", ...]`` as (key, value) pairs; a value is read as JSON when it parses.
+
+    Raises:
+        ValueError: naming an item without ``=`` or with an empty key.
+    """
+    options = []
+    for item in items:
+        key, separator, text = item.partition("=")
+        if not separator or not key.strip():
+            raise ValueError(f"--das-option {item!r} must be KEY=VALUE")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        options.append((key.strip(), value))
+    return tuple(options)

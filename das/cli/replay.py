@@ -8,7 +8,9 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
+from das.cli.args import add_das_option, parse_das_options
 from das.methods import METHOD_HELP, METHODS
 from policies.profiles import MEASURED_CPU_PROFILE, TABLE_PROFILES, CostModel, load_cost_model
 from rollouts.replay import VLLM_CPU_MAX_NUM_SEQS, VLLM_GPU_MAX_NUM_SEQS, ReplayConfig
@@ -35,6 +37,19 @@ def parse_cost_models(specs: list[str]) -> dict[str, CostModel]:
         except (ValueError, OSError) as error:
             raise SystemExit(f"das-rollout replay: bad --cost {spec!r}: {error}") from error
     return models
+
+
+def parse_das_options_or_exit(items: list[str]) -> dict[str, Any]:
+    """``--das-option`` items as DAS config overrides, checked against :class:`DASConfig`
+    before any replay starts."""
+    from das.config import DASConfig
+
+    try:
+        options = dict(parse_das_options(items))
+        DASConfig.from_dict(options)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"das-rollout replay: {error}") from error
+    return options
 
 
 def add_replay_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -77,6 +92,7 @@ def add_replay_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser.add_argument(
         "--jobs", type=int, default=None, help="replays run in parallel (default: CPU count)"
     )
+    add_das_option(parser, "drafters")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--plot", type=Path, help="write a PNG of per-step time and acceptance")
     return parser
@@ -95,6 +111,7 @@ def run_replay(args: argparse.Namespace) -> int:
     if args.max_num_seqs < 1:
         raise SystemExit(f"das-rollout replay: --max-num-seqs={args.max_num_seqs} must be >= 1")
     cost_models = parse_cost_models(args.cost or default_cost_specs())
+    das_options = parse_das_options_or_exit(args.das_option)
     try:
         records = read_trace(args.trace)
         if args.dataset_steps != 1:
@@ -112,6 +129,7 @@ def run_replay(args: argparse.Namespace) -> int:
         num_speculative_tokens=args.k,
         jobs=args.jobs,
         config=ReplayConfig(max_num_seqs=args.max_num_seqs),
+        das_options=das_options,
     )
     summary = comparison.trace_summary
     print(

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 from das.bench.live import COMPARED_METHODS, LIVE_METHOD_HELP, LIVE_METHODS, LiveWorkload
 from das.cli.args import (
+    add_das_option,
     check_model,
     check_token_budget,
     load_prompts_or_exit,
     non_negative_int,
+    parse_das_options,
     positive_float,
     positive_int,
     resolve_dtype_or_exit,
@@ -88,37 +88,11 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         help="start every engine first and run each step on all of them in turn (robust to a "
         "machine whose speed drifts; holds every engine's KV cache at once)",
     )
-    parser.add_argument(
-        "--das-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a DAS config key for the DAS methods' engines (repeatable; VALUE is JSON, e.g. "
-        "max_draft_batch=16, calibrate=false, or a bare string)",
-    )
+    add_das_option(parser, "engines")
     parser.add_argument("--json", type=Path, help="write results here (after every step)")
     parser.add_argument("--plot", type=Path, help="write a PNG of per-step time and iterations")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
-
-
-def parse_das_options(items: list[str]) -> tuple[tuple[str, Any], ...]:
-    """``["key=value", ...]`` as (key, value) pairs; a value is read as JSON when it parses.
-
-    Raises:
-        ValueError: naming an item without ``=`` or with an empty key.
-    """
-    options = []
-    for item in items:
-        key, separator, text = item.partition("=")
-        if not separator or not key.strip():
-            raise ValueError(f"--das-option {item!r} must be KEY=VALUE")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        options.append((key.strip(), value))
-    return tuple(options)
 
 
 def unwind_on_sigterm() -> None:

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_skip_benchmark_replays_identically_and_writes_both_times(tmp_path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "bench_drafter_skip", ROOT / "scripts" / "bench_drafter_skip.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_skip_benchmark_replays_identically_and_writes_both_times(tmp_path, load_script) -> None:
+    bench = load_script("bench_drafter_skip")
     out = tmp_path / "skip.json"
     bench.main(
         ["--trace", str(ROOT / "tests" / "data" / "trace_small.parquet"), "--json", str(out)]

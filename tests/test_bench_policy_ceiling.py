@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,17 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "bench_policy_ceiling", ROOT / "scripts" / "bench_policy_ceiling.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_ceiling_benchmark_writes_every_method_and_the_oracle_knows_lengths(tmp_path) -> None:
-    bench = load_script()
+def test_ceiling_benchmark_writes_every_method_and_the_oracle_knows_lengths(
+    tmp_path, load_script
+) -> None:
+    bench = load_script("bench_policy_ceiling")
     out = tmp_path / "ceiling.json"
     bench.main(
         [
@@ -63,8 +55,8 @@ def test_ceiling_benchmark_writes_every_method_and_the_oracle_knows_lengths(tmp_
         assert row["slowest_request"]["passes"] == row["slowest_request"]["tokens"] == longest
 
 
-def test_ceiling_benchmark_names_a_missing_trace(tmp_path, capsys) -> None:
-    bench = load_script()
+def test_ceiling_benchmark_names_a_missing_trace(tmp_path, capsys, load_script) -> None:
+    bench = load_script("bench_policy_ceiling")
     missing = tmp_path / "nope.parquet"
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--trace", str(missing)])

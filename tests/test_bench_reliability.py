@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "bench_reliability", ROOT / "scripts" / "bench_reliability.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_map_brings_the_policy_inputs_closer_to_what_is_accepted(tmp_path) -> None:
-    bench = load_script()
+def test_the_map_brings_the_policy_inputs_closer_to_what_is_accepted(tmp_path, load_script) -> None:
+    bench = load_script("bench_reliability")
     out, plot = tmp_path / "reliability.json", tmp_path / "reliability.png"
     trace = ROOT / "tests" / "data" / "trace_small.parquet"
     bench.main(["--trace", str(trace), "--cost", "h100", "--json", str(out), "--plot", str(plot)])

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,20 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "tests" / "data" / "trace_small.parquet"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_soak", ROOT / "scripts" / "bench_soak.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up by name
-    spec.loader.exec_module(bench)
-    return bench
-
-
 @pytest.fixture(scope="module")
-def soak():
+def soak(load_script):
     """One epoch of 400 prompts (5 per step, 2 samples each, 80 steps) under a 4,000-token
     budget: every step brings new prompts, so anything kept per prompt seen grows to the end."""
     pytest.importorskip("verl")  # the prompt-affine router subclasses verl's balancer
-    bench = load_bench()
+    bench = load_script("bench_soak")
     settings = bench.SoakSettings(
         num_prompts=400,
         prompts_per_step=5,
@@ -76,8 +66,8 @@ def test_soak_keeps_recent_step_stats_only(soak) -> None:
     assert max(drafter.stats.by_step) == 80
 
 
-def test_soak_script_writes_json_and_plot(tmp_path) -> None:
-    bench = load_bench()
+def test_soak_script_writes_json_and_plot(tmp_path, load_script) -> None:
+    bench = load_script("bench_soak")
     out = tmp_path / "soak.json"
     bench.main(
         [
@@ -106,11 +96,11 @@ def test_soak_script_writes_json_and_plot(tmp_path) -> None:
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_soak_router_map_stops_at_its_cap() -> None:
+def test_soak_router_map_stops_at_its_cap(load_script) -> None:
     """40 prompts through a router that keeps 10: its map fills to 10 and stays there, and the
     bound allows for 10 entries, not 40."""
     pytest.importorskip("verl")
-    bench = load_bench()
+    bench = load_script("bench_soak")
     settings = bench.SoakSettings(
         num_prompts=40,
         prompts_per_step=4,
@@ -126,8 +116,8 @@ def test_soak_router_map_stops_at_its_cap() -> None:
     assert report["fixed_overhead_parts"]["router_allowance"] == 10 * bench.ROUTER_BYTES_PER_PROMPT
 
 
-def test_soak_settings_name_bad_values() -> None:
-    bench = load_bench()
+def test_soak_settings_name_bad_values(load_script) -> None:
+    bench = load_script("bench_soak")
     with pytest.raises(ValueError, match="prompts_per_step=50"):
         bench.SoakSettings(num_prompts=10, prompts_per_step=50)
     with pytest.raises(ValueError, match="num_steps=0"):

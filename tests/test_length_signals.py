@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -101,12 +100,8 @@ def test_truncation_given_alive_splits_by_repetition_so_far() -> None:
         truncation_given_alive(records, [-1], window=3)
 
 
-def test_script_writes_json_and_plot_consistent_with_the_trace(tmp_path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "analyze_length_signals", ROOT / "scripts" / "analyze_length_signals.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_script_writes_json_and_plot_consistent_with_the_trace(tmp_path, load_script) -> None:
+    script = load_script("analyze_length_signals")
     trace = ROOT / "tests" / "data" / "trace_small.parquet"
     out = tmp_path / "signals.json"
     script.main(["--trace", str(trace), "--json", str(out)])

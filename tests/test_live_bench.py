@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import ClassVar
@@ -141,11 +140,8 @@ def test_report_has_the_issue_schema(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_script_presets_and_overrides() -> None:
-    path = ROOT / "scripts" / "bench_rollout.py"
-    spec = importlib.util.spec_from_file_location("bench_rollout", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_bench_script_presets_and_overrides(load_script) -> None:
+    module = load_script("bench_rollout")
     argv = module.build_argv(["--workload", "small", "--temperature", "1.0", "--json", "x.json"])
     assert argv[0] == "run"
     assert argv[argv.index("--num-prompts") + 1] == "4"

@@ -3,9 +3,9 @@
 :class:`~das.drafter.AcceptanceCalibration` scales each draft token's conditional probability
 by one factor per (source, match-length bucket): it gets the average right but not the shape.
 On replayed rollouts its cumulative predictions are compressed toward the middle: drafts
-predicted at 0.1-0.3 are accepted less often than predicted, and drafts predicted at 0.6-0.9
-almost always (0.81-0.99). A budget policy that trades draft tokens against step time needs
-the shape: it drafts where the real probability is high.
+predicted at 0.1-0.3 were accepted 2-11% of the time, drafts predicted at 0.7-0.9 85-97%.
+A budget policy that trades draft tokens against step time needs the shape: it drafts where
+the real probability is high.
 
 This layer keeps, per bin of predicted cumulative probability, how often the draft's prefix up
 to that position was accepted (every drafted position's outcome is known once the draft is

@@ -56,6 +56,7 @@ from policies.profiles import (
     load_cost_model,
     policy_cost_model,
 )
+from policies.step_shapes import StepShapes
 from rollouts.replay import StepResult, replay_step
 from rollouts.trace import RolloutRecord, group_by_step, read_trace
 
@@ -195,14 +196,42 @@ def replay_method(
             passes = records[row].num_response_tokens
         else:
             row, passes = max(view.passes.items(), key=lambda item: item[1])
+        record = records[row]
         slowest.append(
-            {"row": int(row), "passes": int(passes), "tokens": records[row].num_response_tokens}
+            {
+                "row": int(row),
+                "passes": int(passes),
+                "tokens": record.num_response_tokens,
+                "alone_s": alone_time(cost, int(passes), record),
+            }
         )
     return results, slowest
 
 
-def summarise(runs: dict[str, list[StepResult]]) -> dict[str, dict[str, float]]:
-    """Per method, steps 2.. against ``none``: iterations, time and the worst step's time."""
+def alone_time(cost: CostModel, passes: int, record: RolloutRecord) -> float:
+    """Modelled time of ``passes`` forward passes of ``record`` alone, one token each: what its
+    passes cost if every other request of the step were free (its context grows evenly from
+    the prompt to the whole response over the passes)."""
+    ones = np.ones(passes, np.int64)
+    context = record.num_prompt_tokens + np.linspace(0, record.num_response_tokens, passes).astype(
+        np.int64
+    )
+    shapes = StepShapes(
+        num_tokens=ones,
+        draft_tokens=0 * ones,
+        num_requests=ones,
+        kv_tokens=context,
+        context_tokens=context,
+        prefill_tokens=0 * ones,
+    )
+    return float(cost.times(shapes).sum())
+
+
+def summarise(
+    runs: dict[str, list[StepResult]], slowest: dict[str, list[dict[str, Any]]]
+) -> dict[str, dict[str, float]]:
+    """Per method, steps 2.. against ``none``: iterations, time, the worst step's time, and
+    what the slowest request of each step costs alone (a floor under any step time)."""
     base = runs["none"][1:]
     base_passes = sum(r.forward_passes for r in base)
     base_s = sum(r.modelled_s for r in base)
@@ -215,6 +244,8 @@ def summarise(runs: dict[str, list[StepResult]]) -> dict[str, dict[str, float]]:
             "speedup_vs_none": base_s / sum(r.modelled_s for r in later),
             "time_vs_none": sum(r.modelled_s for r in later) / base_s,
             "time_vs_suffix_global": sum(r.modelled_s for r in later) / suffix_s,
+            "slowest_request_alone_vs_none": sum(r["alone_s"] for r in slowest[method][1:])
+            / base_s,
             "slowest_step_time_vs_none": max(
                 r.modelled_s / b.modelled_s for r, b in zip(later, base, strict=True)
             ),
@@ -280,18 +311,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--trace {args.trace} has {len(steps)} step(s); the ratios need >= 2")
     replays = {m: replay_method(m, steps, cost, args.k) for m in tqdm(METHODS, desc="replay")}
     runs = {method: results for method, (results, _) in replays.items()}
-    summary = summarise(runs)
+    summary = summarise(runs, {method: rows for method, (_, rows) in replays.items()})
     for method, row in summary.items():
         passes = [r.forward_passes for r in runs[method]]
         logger.info(
             "%-19s iterations per step %s  steps 2.. vs none: iterations %.3fx, time %.3fx "
-            "(worst step %.3fx; %.3fx suffix_global), %d draft tokens",
+            "(worst step %.3fx; %.3fx suffix_global; slowest requests alone %.3fx), "
+            "%d draft tokens",
             method,
             passes,
             row["iterations_vs_none"],
             row["time_vs_none"],
             row["slowest_step_time_vs_none"],
             row["time_vs_suffix_global"],
+            row["slowest_request_alone_vs_none"],
             row["draft_tokens"],
         )
     report = {

@@ -53,6 +53,13 @@ def test_ceiling_benchmark_writes_every_method_and_the_oracle_knows_lengths(
     # The slowest request of a step without drafts is its longest response.
     for row in steps["none"]:
         assert row["slowest_request"]["passes"] == row["slowest_request"]["tokens"] == longest
+    # Its passes alone are a floor under every step: cheaper than the whole step, and more than
+    # a quarter of it without drafts here (64 requests in the flat part of the H100 curve).
+    for rows in steps.values():
+        for row in rows:
+            assert 0 < row["slowest_request"]["alone_s"] < row["modelled_s"]
+    for row in steps["none"]:
+        assert row["slowest_request"]["alone_s"] > row["modelled_s"] / 4
 
 
 def test_ceiling_benchmark_names_a_missing_trace(tmp_path, capsys, load_script) -> None:

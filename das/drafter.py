@@ -311,8 +311,7 @@ class DASDrafter:
         )
         np.add.at(self.calibration.accepted, (sources, buckets), accepted)
         np.add.at(self.calibration.expected, (sources, buckets), expected)
-        for i, num_accepted in zip(rows, accepted, strict=True):
-            self.reliability.record(requests[i].pending_cumulative, int(num_accepted))
+        self.reliability.record_many([requests[i].pending_cumulative for i in rows], accepted)
         self.stats.num_accepted_tokens += int(accepted.sum())
         for i, num_accepted in zip(rows, accepted, strict=True):
             request = requests[i]

@@ -17,6 +17,8 @@ little data, and interpolated between bin centres. Counts decay every RL step, a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 NUM_BINS = 20
@@ -70,11 +72,24 @@ class ReliabilityCalibration:
     def record(self, predicted: np.ndarray, num_accepted: int) -> None:
         """One verified draft: ``predicted[j]`` was its cumulative prediction for position
         ``j``; its first ``num_accepted`` positions were accepted and the rest were not."""
-        predicted = np.asarray(predicted, dtype=np.float64)
-        if not predicted.size:
+        self.record_many([predicted], [num_accepted])
+
+    def record_many(
+        self, predicted: Sequence[np.ndarray], num_accepted: Sequence[int] | np.ndarray
+    ) -> None:
+        """Many verified drafts at once, each as in :meth:`record` (one pass over all their
+        positions: this runs for every drafting request of every engine step)."""
+        lengths = np.fromiter((len(p) for p in predicted), np.int64, len(predicted))
+        if not lengths.sum():
             return
-        np.add.at(self.tried, self.bins(predicted), 1.0)
-        np.add.at(self.accepted, self.bins(predicted[:num_accepted]), 1.0)
+        values = np.concatenate(predicted).astype(np.float64, copy=False)
+        # Each position's index within its own draft.
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        position = np.arange(values.size) - starts
+        accepted = position < np.repeat(np.asarray(num_accepted, np.int64), lengths)
+        bins = self.bins(values)
+        self.tried += np.bincount(bins, minlength=NUM_BINS)
+        self.accepted += np.bincount(bins[accepted], minlength=NUM_BINS)
         self._map = None
 
     def new_step(self) -> None:

@@ -216,13 +216,14 @@ def alone_time(cost: CostModel, passes: int, record: RolloutRecord) -> float:
     context = record.num_prompt_tokens + np.linspace(0, record.num_response_tokens, passes).astype(
         np.int64
     )
+    none = np.zeros(passes, np.int64)
     shapes = StepShapes(
         num_tokens=ones,
-        draft_tokens=0 * ones,
+        draft_tokens=none,
         num_requests=ones,
         kv_tokens=context,
         context_tokens=context,
-        prefill_tokens=0 * ones,
+        prefill_tokens=none,
     )
     return float(cost.times(shapes).sum())
 

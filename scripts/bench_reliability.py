@@ -66,19 +66,20 @@ def log_policy_inputs(drafter: DASDrafter, log: OutcomeLog) -> None:
     """Make ``drafter`` report each verified draft's policy input and outcome to ``log``.
 
     The drafter records a draft's prediction before the map; with the map on, the policy's
-    input is taken as that prediction through the map as it stands when the draft is verified
-    (one draft later than when it was proposed).
+    input is taken as that prediction through the map as it stands when the draft's batch is
+    verified, before the batch's outcomes enter it (one engine step after the proposal).
     """
     reliability = drafter.reliability
-    record = reliability.record
+    record_many = reliability.record_many
     mapped = drafter.config.reliability_calibration
 
-    def record_with_log(predicted: np.ndarray, num_accepted: int) -> None:
-        shown = reliability.apply(predicted[None, :])[0] if mapped else predicted
-        log.add(shown, num_accepted)
-        record(predicted, num_accepted)
+    def record_with_log(predicted: list[np.ndarray], num_accepted: np.ndarray) -> None:
+        for draft, accepted in zip(predicted, num_accepted, strict=True):
+            shown = reliability.apply(draft[None, :])[0] if mapped else draft
+            log.add(shown, int(accepted))
+        record_many(predicted, num_accepted)
 
-    reliability.record = record_with_log  # type: ignore[method-assign]
+    reliability.record_many = record_with_log  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> None:

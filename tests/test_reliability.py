@@ -64,6 +64,17 @@ def test_observed_outcomes_pull_predictions_to_the_observed_rates():
     assert mapped[2] == 0.0  # past the draft's end stays empty
 
 
+def test_a_batch_of_drafts_counts_each_position_within_its_own_draft():
+    calibration = ReliabilityCalibration()
+    # Two drafts: the first's first two positions accepted, the second's first one.
+    calibration.record_many([np.array([0.975, 0.525, 0.025]), np.array([0.525, 0.475])], [2, 1])
+    expected_tried, expected_accepted = np.zeros(20), np.zeros(20)
+    expected_tried[[19, 10, 0, 9]] = [1, 2, 1, 1]
+    expected_accepted[[19, 10]] = [1, 2]
+    np.testing.assert_array_equal(calibration.tried, expected_tried)
+    np.testing.assert_array_equal(calibration.accepted, expected_accepted)
+
+
 def test_mapped_rows_never_increase_along_a_draft():
     calibration = ReliabilityCalibration(prior=1.0)
     # Observations that a plain per-bin map would turn into a rise: 0.45 never accepted,

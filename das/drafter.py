@@ -467,7 +467,7 @@ class DASDrafter:
             batch = batches[source]
             row_factors = factors[source, match_bucket(batch.match_lens)]
             scores[source] = self._calibrated(batch, row_factors).sum(axis=1)
-        chosen = np.argmax(scores, axis=0)  # first maximum: SOURCES order breaks ties
+        chosen = self._choose_sources(batches, scores)
         drafts = _gather(batches, chosen, rows, k)
         buckets = match_bucket(drafts.match_lens)
         # Calibrated cumulative acceptance probabilities: what the policy decides from.
@@ -493,6 +493,12 @@ class DASDrafter:
             request.pending_cumulative = predicted[i, :num].copy()
         self._count(requests, drafts, sources)
         return Proposal(drafts, sources, budgets)
+
+    def _choose_sources(self, batches: list[DraftBatch | None], scores: np.ndarray) -> np.ndarray:
+        """Per row, the index in ``SOURCES`` of the draft to verify: the best calibrated score
+        (``scores[source, row]``, -1 for a disabled source), the first maximum on ties. A
+        subclass may choose otherwise (the policy-ceiling benchmark's oracle does)."""
+        return np.argmax(scores, axis=0)
 
     def _length_class(self, request: _Request) -> LengthClass:
         return self._class_of.get(request.prompt_key, self.length_classes.unknown_class)

@@ -15,7 +15,10 @@ model, next to the baselines the targets are stated against:
 * ``oracle_drafts``: ``das_fixed``'s drafts cut to the prefix the trace accepts, as a policy
   that knew every draft's fate would verify them. It runs ``das_fixed``'s iterations without
   one wasted draft token, so no budget policy over this drafter's drafts can beat its time by
-  more than what idling a draft that would be accepted saves.
+  more than what idling a draft that would be accepted saves;
+* ``oracle_sources``: as ``oracle_drafts``, but each request verifies the draft, of the three
+  DAS sources (prompt history, global tree, own text), that the trace accepts furthest: the
+  ceiling of any rule for choosing among those drafts, with any budget policy.
 
 It prints, per method, the iterations and modelled time of steps 2.. against ``none`` (and the
 time against ``suffix_global``), the slowest request of each step, and writes JSON (and with
@@ -33,7 +36,7 @@ import argparse
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from das import methods
+from das.bench.trace_oracle import OracleSourceDrafter, TraceView
 from das.config import DASConfig
 from das.drafter import DASDrafter
 from policies.budget import (
@@ -73,6 +77,7 @@ METHODS = (
     "makespan_predicted",
     "makespan_oracle",
     "oracle_drafts",
+    "oracle_sources",
 )
 
 
@@ -93,70 +98,6 @@ class MakespanPolicy(BudgetPolicy):
             max_budget=self.max_budget,
             min_relative_gain=0.02,
         )
-
-
-class TraceView:
-    """A drafter wrapper that knows the step's recorded responses (which only a replay has).
-
-    It tells a policy each request's true remaining length (:meth:`remaining`), counts each
-    request's forward passes, and with ``cut_drafts`` cuts every draft to the prefix the trace
-    accepts: the drafts a policy that knew acceptance in advance would verify. Request ids are
-    the row indices ``replay_step`` gives; call :meth:`set_step` before each step.
-    """
-
-    def __init__(self, drafter: DASDrafter, cut_drafts: bool = False) -> None:
-        self.drafter = drafter
-        self.cut_drafts = cut_drafts
-        self.responses: list[np.ndarray] = []
-        self.generated: dict[Hashable, int] = {}
-        self.passes: dict[Hashable, int] = {}
-        self.current = np.zeros(0)
-
-    def set_step(self, records: Sequence[RolloutRecord]) -> None:
-        self.responses = [np.asarray(r.response_tokens) for r in records]
-
-    def remaining(self, batch: BatchView) -> np.ndarray:
-        return self.current
-
-    def begin_step(self, step: int | None = None) -> int:
-        self.generated.clear()
-        self.passes.clear()
-        return self.drafter.begin_step(step)
-
-    def start_request(self, request_id: Hashable, prompt_tokens: Any, prompt_key: Any = None):
-        self.generated[request_id] = 0
-        self.passes[request_id] = 0
-        return self.drafter.start_request(request_id, prompt_tokens, prompt_key)
-
-    def propose(self, request_ids: Sequence[Hashable]) -> Any:
-        self.current = np.array(
-            [self.responses[i].size - self.generated[i] for i in request_ids], dtype=np.float64
-        )
-        for request_id in request_ids:
-            self.passes[request_id] += 1
-        proposal = self.drafter.propose(request_ids)
-        if not self.cut_drafts:
-            return proposal
-        drafts = proposal.drafts
-        num_tokens = drafts.num_tokens.copy()
-        for row, request_id in enumerate(request_ids):
-            truth = self.responses[request_id][self.generated[request_id] :]
-            draft = drafts.tokens[row, : min(int(num_tokens[row]), truth.size)]
-            mismatch = np.flatnonzero(draft != truth[: draft.size])
-            num_tokens[row] = mismatch[0] if mismatch.size else draft.size
-        cut = dataclasses.replace(drafts, num_tokens=num_tokens)
-        budgets = np.minimum(proposal.budgets, num_tokens)
-        return dataclasses.replace(proposal, drafts=cut, budgets=budgets)
-
-    def extend_many(self, request_ids: Sequence[Hashable], tokens: Sequence[np.ndarray]) -> None:
-        for request_id, produced in zip(request_ids, tokens, strict=True):
-            self.generated[request_id] += len(produced)
-        self.drafter.extend_many(request_ids, tokens)
-
-    def finish_request(
-        self, request_id: Hashable, finish_reason: str, stop_token_ids: Iterable[int] = ()
-    ) -> None:
-        self.drafter.finish_request(request_id, finish_reason, stop_token_ids)
 
 
 def replay_method(
@@ -180,6 +121,9 @@ def replay_method(
             return predicted_remaining_tokens(batch.generated_tokens, batch.expected_lengths)
 
         view = TraceView(DASDrafter(settings, policy=MakespanPolicy(plan, k, predicted), cost=plan))
+    elif method == "oracle_sources":
+        fixed = dataclasses.replace(settings, policy="fixed")
+        view = TraceView(OracleSourceDrafter(fixed), cut_drafts=True)
     elif method == "makespan_oracle":
         view = TraceView(DASDrafter(settings, cost=plan))
         view.drafter.policy = MakespanPolicy(plan, k, view.remaining)

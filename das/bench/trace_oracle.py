@@ -1,0 +1,126 @@
+"""Replay helpers that know the trace: what only an offline replay can tell a drafter.
+
+:class:`TraceView` wraps a drafter for :func:`rollouts.replay.replay_step` and knows each
+request's recorded response, so it can give a policy true remaining lengths and cut drafts to
+what the trace accepts; :class:`OracleSourceDrafter` verifies, per request, the source whose
+draft the trace accepts furthest. The policy-ceiling and source-choice benchmarks build on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from das.drafter import DASDrafter
+from policies.budget import BatchView
+from rollouts.trace import RolloutRecord
+from suffix_tree.draft import DraftBatch
+
+__all__ = ["OracleSourceDrafter", "TraceView", "accepted_per_source"]
+
+
+def accepted_per_source(
+    batches: Sequence[DraftBatch | None], truths: Sequence[np.ndarray]
+) -> np.ndarray:
+    """[sources, rows] how many leading tokens of each source's draft ``truths`` accepts
+    (``truths[row]``: the tokens row ``row`` has still to generate); -1 for a disabled source."""
+    rows = len(truths)
+    width = max((b.tokens.shape[1] for b in batches if b is not None), default=0)
+    truth = np.full((rows, width), -1, np.int64)
+    for row, tokens in enumerate(truths):
+        truth[row, : min(width, tokens.size)] = tokens[:width]
+    accepted = np.full((len(batches), rows), -1, np.int64)
+    for source, batch in enumerate(batches):
+        if batch is None:
+            continue
+        columns = np.arange(batch.tokens.shape[1])[None, :]
+        agree = (batch.tokens == truth[:, : batch.tokens.shape[1]]) & (
+            columns < batch.num_tokens[:, None]
+        )
+        accepted[source] = np.cumprod(agree, axis=1).sum(axis=1)
+    return accepted
+
+
+class OracleSourceDrafter(DASDrafter):
+    """A DAS drafter that verifies, per request, the source's draft that ``truths`` accepts
+    furthest (ties: the best calibrated score). ``truths[row]`` holds the recorded tokens each
+    row of the next :meth:`propose` has still to generate; :class:`TraceView` sets it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.truths: list[np.ndarray] = []
+
+    def _choose_sources(self, batches: list[DraftBatch | None], scores: np.ndarray) -> np.ndarray:
+        accepted = accepted_per_source(batches, self.truths)
+        # A calibrated score is a sum of at most K probabilities, below K + 1.
+        width_of_score = scores.max(initial=0.0) + 2.0
+        return np.argmax(accepted * width_of_score + scores, axis=0)
+
+
+class TraceView:
+    """A drafter wrapper that knows the step's recorded responses (which only a replay has).
+
+    It tells a policy each request's true remaining length (:meth:`remaining`), counts each
+    request's forward passes, and with ``cut_drafts`` cuts every draft to the prefix the trace
+    accepts: the drafts a policy that knew acceptance in advance would verify. Request ids are
+    the row indices ``replay_step`` gives; call :meth:`set_step` before each step.
+    """
+
+    def __init__(self, drafter: DASDrafter, cut_drafts: bool = False) -> None:
+        self.drafter = drafter
+        self.cut_drafts = cut_drafts
+        self.responses: list[np.ndarray] = []
+        self.generated: dict[Hashable, int] = {}
+        self.passes: dict[Hashable, int] = {}
+        self.current = np.zeros(0)
+
+    def set_step(self, records: Sequence[RolloutRecord]) -> None:
+        self.responses = [np.asarray(r.response_tokens) for r in records]
+
+    def remaining(self, batch: BatchView) -> np.ndarray:
+        return self.current
+
+    def begin_step(self, step: int | None = None) -> int:
+        self.generated.clear()
+        self.passes.clear()
+        return self.drafter.begin_step(step)
+
+    def start_request(self, request_id: Hashable, prompt_tokens: Any, prompt_key: Any = None):
+        self.generated[request_id] = 0
+        self.passes[request_id] = 0
+        return self.drafter.start_request(request_id, prompt_tokens, prompt_key)
+
+    def propose(self, request_ids: Sequence[Hashable]) -> Any:
+        self.current = np.array(
+            [self.responses[i].size - self.generated[i] for i in request_ids], dtype=np.float64
+        )
+        for request_id in request_ids:
+            self.passes[request_id] += 1
+        if isinstance(self.drafter, OracleSourceDrafter):
+            self.drafter.truths = [self.responses[i][self.generated[i] :] for i in request_ids]
+        proposal = self.drafter.propose(request_ids)
+        if not self.cut_drafts:
+            return proposal
+        drafts = proposal.drafts
+        num_tokens = drafts.num_tokens.copy()
+        for row, request_id in enumerate(request_ids):
+            truth = self.responses[request_id][self.generated[request_id] :]
+            draft = drafts.tokens[row, : min(int(num_tokens[row]), truth.size)]
+            mismatch = np.flatnonzero(draft != truth[: draft.size])
+            num_tokens[row] = mismatch[0] if mismatch.size else draft.size
+        cut = dataclasses.replace(drafts, num_tokens=num_tokens)
+        budgets = np.minimum(proposal.budgets, num_tokens)
+        return dataclasses.replace(proposal, drafts=cut, budgets=budgets)
+
+    def extend_many(self, request_ids: Sequence[Hashable], tokens: Sequence[np.ndarray]) -> None:
+        for request_id, produced in zip(request_ids, tokens, strict=True):
+            self.generated[request_id] += len(produced)
+        self.drafter.extend_many(request_ids, tokens)
+
+    def finish_request(
+        self, request_id: Hashable, finish_reason: str, stop_token_ids: Iterable[int] = ()
+    ) -> None:
+        self.drafter.finish_request(request_id, finish_reason, stop_token_ids)

@@ -16,12 +16,12 @@ truncated share, the request's own repetition, and its age::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from das.atomic_json import write_json_atomically
 from rollouts.length_signals import (
     AliveRow,
     is_truncated,
@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repetition_detectors": [score.to_dict() for score in detectors],
         "by_age": {"window": args.window, "rows": [row.to_dict() for row in alive]},
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomically(report, args.json)
     plot_path = args.plot or args.json.with_suffix(".png")
     plot(alive, overall, args.window, plot_path, f"{args.trace.name}: who runs to the cap")
     logger.info("wrote %s and %s", args.json, plot_path)

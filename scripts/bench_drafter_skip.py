@@ -25,13 +25,13 @@ a 73-token knee).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from das import methods
+from das.atomic_json import write_json_atomically
 from policies.budget import BatchView, BudgetPolicy
 from policies.cost_model import StepCostModel, parse_cost_spec
 from rollouts.replay import StepResult, replay_step
@@ -132,8 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         ],
     }
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomically(report, args.json)
         logger.info("wrote %s", args.json)
     return report
 

@@ -27,13 +27,13 @@ rules at one ``E``, and accepted tokens across ``E``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from das import methods
+from das.atomic_json import write_json_atomically
 from das.config import HISTORY_BYTES_PER_TOKEN, DASConfig
 from policies.cost_model import StepCostModel
 from policies.profiles import load_profile
@@ -261,8 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "accepted_kept_largest_over_smallest_e": kept,
     }
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomically(report, args.json)
         logger.info("wrote %s and %s", args.json, plot(report, args.json.with_suffix(".png")))
     return report
 

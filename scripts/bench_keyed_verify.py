@@ -22,7 +22,6 @@ Prints ``before / now`` per batch size and writes JSON::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import shlex
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from das.atomic_json import write_json_atomically
 from das.vllm.sampling_inputs import DEFAULT_VOCAB, batch_sizes_arg, median_seconds
 
 logger = logging.getLogger("bench_keyed_verify")
@@ -148,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "batches": results,
     }
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomically(report, args.json)
         logger.info("wrote %s", args.json)
     return 0
 

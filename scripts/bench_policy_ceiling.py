@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from das import methods
+from das.atomic_json import write_json_atomically
 from das.bench.trace_oracle import OracleSourceDrafter, TraceView
 from das.config import DASConfig
 from das.drafter import DASDrafter
@@ -294,8 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "summary_steps_2_on": summary,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomically(report, args.json)
     logger.info("wrote %s", args.json)
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,12 @@ against the diagonal.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from das.atomic_json import write_json_atomically
 from das.drafter import DASDrafter
 from das.methods import build_drafter
 from das.reliability import NUM_BINS, ReliabilityCalibration
@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         rows["map_vs_factors_steps_2_on"] = sum(b[1:]) / sum(a[1:])
         logger.info("%s map / factors, steps 2..: %.3fx", name, rows["map_vs_factors_steps_2_on"])
         report["cost_models"][name] = rows
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomically(report, args.json)
     logger.info("wrote %s", args.json)
     if args.plot:
         plot_reliability(logs, args.trace.name, args.plot)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import os
 import platform
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from das.atomic_json import write_json_atomically
 from das.bench.replay_report import COST_DEPENDENT_METHODS, compare_methods
 from das.methods import METHODS, build_drafter
 from das.vllm.engine import read_cpuinfo_field
@@ -350,8 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     report["load_average_at_end"] = list(os.getloadavg())
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        write_json_atomically(report, args.json, indent=1)
         logger.info("wrote %s", args.json)
     return report
 

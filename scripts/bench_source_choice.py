@@ -19,7 +19,6 @@ first counted step and scored on the rest.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from das.atomic_json import write_json_atomically
 from das.bench.trace_oracle import OracleSourceDrafter, TraceView, accepted_per_source
 from das.config import DASConfig
 from das.drafter import SOURCES
@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["least_squares"]["ratio_to_calibrated_score"],
         )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomically(report, args.json)
         logger.info("wrote %s", args.json)
     return report
 

@@ -20,7 +20,6 @@ verifies any draft). Writes JSON::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import shlex
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from das.atomic_json import write_json_atomically
 from das.vllm.sampling_inputs import DEFAULT_VOCAB, batch_sizes_arg, median_seconds
 
 logger = logging.getLogger("measure_verify_overhead")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "fitted": {"c_spec_request": float(slope), "first_draft_intercept_s": float(intercept)},
     }
     if args.output is not None:
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomically(report, args.output)
         logger.info("wrote %s", args.output)
     return 0
 

@@ -11,7 +11,6 @@ tokens, over the steps from ``--from-step`` on, by the number of requests decodi
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from das.atomic_json import write_json_atomically
 from das.bench.replay_report import compare_methods
 from das.cli.replay import default_cost_specs, parse_cost_models
 from rollouts.replay import ReplayConfig
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             total = sum(b["seconds"] for b in bands.values())
             print(f"{method:<16}{cells}{total:>10.1f}")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        write_json_atomically(report, args.json, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
         plot(report, args.plot)

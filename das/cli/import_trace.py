@@ -111,7 +111,8 @@ def run_import(args: argparse.Namespace) -> int:
 def _run_import(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from das.vllm.record import metadata_path_for, write_json_atomically
+    from das.atomic_json import write_json_atomically
+    from das.vllm.record import metadata_path_for
     from rollouts.import_formats import read_generation_file
     from rollouts.importers import assign_steps, summarize_import, tokenize_samples
     from rollouts.trace import write_trace

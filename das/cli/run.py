@@ -148,9 +148,9 @@ def run_run(args: argparse.Namespace) -> int:
     workload = dataclasses.replace(workload, dtype=resolve_dtype_or_exit("run", args.dtype))
 
     unwind_on_sigterm()
+    from das.atomic_json import write_json_atomically
     from das.bench.live import run_comparison
     from das.bench.live_report import build_report, format_table, plot_live
-    from das.vllm.record import write_json_atomically
 
     command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
     title = (

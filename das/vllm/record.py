@@ -10,10 +10,8 @@ step in flight. A ``<trace stem>.meta.json`` beside the trace keeps the settings
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from das.atomic_json import write_json_atomically
 from das.vllm.engine import chat_prompt_token_ids, make_llm
 from rollouts.prompts import Prompt, format_gsm8k_messages
 from rollouts.trace import FINISH_REASONS, RolloutRecord, append_step, prompt_key_for
@@ -68,18 +67,6 @@ def metadata_path_for(output_path: str | os.PathLike[str]) -> Path:
     """Where the settings and step times of a recorded trace are kept: ``<stem>.meta.json``."""
     path = Path(output_path)
     return path.with_name(f"{path.stem}.meta.json")
-
-
-def write_json_atomically(data: dict[str, Any], path: Path) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file, so readers never see half."""
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(temp_name, 0o644)
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2)
-        os.replace(temp_name, path)
-    finally:
-        Path(temp_name).unlink(missing_ok=True)
 
 
 def progress_bar_factory(step: int, num_steps: int) -> Callable[..., Any]:

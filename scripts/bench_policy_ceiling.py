@@ -102,11 +102,13 @@ class MakespanPolicy(BudgetPolicy):
 
 def replay_method(
     method: str, steps: dict[int, list[RolloutRecord]], cost: CostModel, k: int
-) -> tuple[list[StepResult], list[dict[str, int]]]:
+) -> tuple[list[StepResult], list[dict[str, Any]]]:
     """Replay every step of the trace in order with one drafter of ``method``, priced by
     ``cost`` (a policy plans with :func:`~policies.profiles.policy_cost_model` of it).
 
-    Returns the step results and, per step, the slowest request's forward passes and tokens.
+    Returns the step results and, per step, the slowest request (its row, forward passes,
+    tokens, rejected draft tokens, and its passes priced alone) and the draft tokens rejected
+    in the requests that ran to the token cap.
     """
     plan = policy_cost_model(cost)
     settings = DASConfig(num_speculative_tokens=k, policy="cost_model")
@@ -129,7 +131,7 @@ def replay_method(
         view.drafter.policy = MakespanPolicy(plan, k, view.remaining)
     else:
         raise ValueError(f"method={method!r} must be one of {METHODS}")
-    results, slowest = [], []
+    results, details = [], []
     for step in sorted(steps):
         records = steps[step]
         if view is not None:
@@ -141,15 +143,22 @@ def replay_method(
         else:
             row, passes = max(view.passes.items(), key=lambda item: item[1])
         record = records[row]
-        slowest.append(
+        rejected = view.rejected if view is not None else dict.fromkeys(range(len(records)), 0)
+        capped = [i for i, r in enumerate(records) if r.finish_reason == "length"]
+        details.append(
             {
-                "row": int(row),
-                "passes": int(passes),
-                "tokens": record.num_response_tokens,
-                "alone_s": alone_time(cost, int(passes), record),
+                "slowest_request": {
+                    "row": int(row),
+                    "passes": int(passes),
+                    "tokens": record.num_response_tokens,
+                    "rejected_draft_tokens": rejected[row],
+                    "alone_s": alone_time(cost, int(passes), record),
+                },
+                "requests_at_the_cap": len(capped),
+                "rejected_draft_tokens_at_the_cap": sum(rejected[i] for i in capped),
             }
         )
-    return results, slowest
+    return results, details
 
 
 def alone_time(cost: CostModel, passes: int, record: RolloutRecord) -> float:
@@ -173,7 +182,7 @@ def alone_time(cost: CostModel, passes: int, record: RolloutRecord) -> float:
 
 
 def summarise(
-    runs: dict[str, list[StepResult]], slowest: dict[str, list[dict[str, Any]]]
+    runs: dict[str, list[StepResult]], details: dict[str, list[dict[str, Any]]]
 ) -> dict[str, dict[str, float]]:
     """Per method, steps 2.. against ``none``: iterations, time, the worst step's time, and
     what the slowest request of each step costs alone (a floor under any step time)."""
@@ -189,7 +198,9 @@ def summarise(
             "speedup_vs_none": base_s / sum(r.modelled_s for r in later),
             "time_vs_none": sum(r.modelled_s for r in later) / base_s,
             "time_vs_suffix_global": sum(r.modelled_s for r in later) / suffix_s,
-            "slowest_request_alone_vs_none": sum(r["alone_s"] for r in slowest[method][1:])
+            "slowest_request_alone_vs_none": sum(
+                d["slowest_request"]["alone_s"] for d in details[method][1:]
+            )
             / base_s,
             "slowest_step_time_vs_none": max(
                 r.modelled_s / b.modelled_s for r, b in zip(later, base, strict=True)
@@ -286,9 +297,9 @@ def main(argv: list[str] | None = None) -> None:
                     "draft_tokens": r.draft_tokens,
                     "accepted_tokens": r.accepted_tokens,
                     "mean_accepted_len": r.mean_accepted_len,
-                    "slowest_request": slow,
+                    **detail,
                 }
-                for r, slow in zip(results, replays[method][1], strict=True)
+                for r, detail in zip(results, replays[method][1], strict=True)
             ]
             for method, results in runs.items()
         },

@@ -49,7 +49,15 @@ def test_ceiling_benchmark_writes_every_method_and_the_oracle_knows_lengths(
         assert cut["accepted_tokens"] == cut["draft_tokens"] > 0
         assert cut["decode_iterations"] == full["decode_iterations"]
         assert cut["modelled_s"] < full["modelled_s"]
-        assert cut["slowest_request"] == full["slowest_request"]
+        for key in ("row", "passes", "tokens"):
+            assert cut["slowest_request"][key] == full["slowest_request"][key]
+        assert cut["slowest_request"]["rejected_draft_tokens"] == 0
+        assert cut["rejected_draft_tokens_at_the_cap"] == 0
+    # Requests at the cap reject part of what the full drafts give them, never more than all.
+    for row in steps["das_fixed"]:
+        rejected = row["draft_tokens"] - row["accepted_tokens"]
+        assert 0 < row["rejected_draft_tokens_at_the_cap"] < rejected
+        assert row["requests_at_the_cap"] > 0
     # Choosing, per request, the source whose draft the trace accepts furthest: still no wasted
     # draft token, and fewer iterations than verifying the best-scored source's draft.
     for chosen, scored in zip(steps["oracle_sources"], steps["oracle_drafts"], strict=True):

@@ -64,9 +64,10 @@ class TraceView:
     """A drafter wrapper that knows the step's recorded responses (which only a replay has).
 
     It tells a policy each request's true remaining length (:meth:`remaining`), counts each
-    request's forward passes, and with ``cut_drafts`` cuts every draft to the prefix the trace
-    accepts: the drafts a policy that knew acceptance in advance would verify. Request ids are
-    the row indices ``replay_step`` gives; call :meth:`set_step` before each step.
+    request's forward passes and rejected draft tokens, and with ``cut_drafts`` cuts every
+    draft to the prefix the trace accepts: the drafts a policy that knew acceptance in advance
+    would verify. Request ids are the row indices ``replay_step`` gives; call :meth:`set_step`
+    before each step.
     """
 
     def __init__(self, drafter: DASDrafter, cut_drafts: bool = False) -> None:
@@ -75,6 +76,7 @@ class TraceView:
         self.responses: list[np.ndarray] = []
         self.generated: dict[Hashable, int] = {}
         self.passes: dict[Hashable, int] = {}
+        self.rejected: dict[Hashable, int] = {}  # draft tokens verified and rejected, per request
         self.current = np.zeros(0)
 
     def set_step(self, records: Sequence[RolloutRecord]) -> None:
@@ -86,34 +88,33 @@ class TraceView:
     def begin_step(self, step: int | None = None) -> int:
         self.generated.clear()
         self.passes.clear()
+        self.rejected.clear()
         return self.drafter.begin_step(step)
 
     def start_request(self, request_id: Hashable, prompt_tokens: Any, prompt_key: Any = None):
         self.generated[request_id] = 0
         self.passes[request_id] = 0
+        self.rejected[request_id] = 0
         return self.drafter.start_request(request_id, prompt_tokens, prompt_key)
 
     def propose(self, request_ids: Sequence[Hashable]) -> Any:
-        self.current = np.array(
-            [self.responses[i].size - self.generated[i] for i in request_ids], dtype=np.float64
-        )
+        truths = [self.responses[i][self.generated[i] :] for i in request_ids]
+        self.current = np.array([truth.size for truth in truths], dtype=np.float64)
         for request_id in request_ids:
             self.passes[request_id] += 1
         if isinstance(self.drafter, OracleSourceDrafter):
-            self.drafter.truths = [self.responses[i][self.generated[i] :] for i in request_ids]
+            self.drafter.truths = truths
         proposal = self.drafter.propose(request_ids)
-        if not self.cut_drafts:
-            return proposal
-        drafts = proposal.drafts
-        num_tokens = drafts.num_tokens.copy()
-        for row, request_id in enumerate(request_ids):
-            truth = self.responses[request_id][self.generated[request_id] :]
-            draft = drafts.tokens[row, : min(int(num_tokens[row]), truth.size)]
-            mismatch = np.flatnonzero(draft != truth[: draft.size])
-            num_tokens[row] = mismatch[0] if mismatch.size else draft.size
-        cut = dataclasses.replace(drafts, num_tokens=num_tokens)
-        budgets = np.minimum(proposal.budgets, num_tokens)
-        return dataclasses.replace(proposal, drafts=cut, budgets=budgets)
+        # What the replay accepts: the draft's prefix that equals the rest of the response.
+        accepted = accepted_per_source([proposal.drafts], truths)[0]
+        if self.cut_drafts:
+            cut = dataclasses.replace(proposal.drafts, num_tokens=accepted)
+            budgets = np.minimum(proposal.budgets, accepted)
+            proposal = dataclasses.replace(proposal, drafts=cut, budgets=budgets)
+        rejected = proposal.drafts.num_tokens - accepted
+        for request_id, count in zip(request_ids, rejected.tolist(), strict=True):
+            self.rejected[request_id] += count
+        return proposal
 
     def extend_many(self, request_ids: Sequence[Hashable], tokens: Sequence[np.ndarray]) -> None:
         for request_id, produced in zip(request_ids, tokens, strict=True):

@@ -59,6 +59,11 @@ class DASConfig:
             little, while verifying them costs the whole batch a slower step. On a machine
             where a step's cost grows from the first token (a CPU), the step's small-batch tail
             is where drafting shortens it.
+        lookup_us_per_request: the drafter's own time, in microseconds per request, to look a
+            batch's drafts up in the suffix trees. It runs between one engine step and the
+            next, in series with the GPU, so the cost-model policy skips the lookups of a batch
+            whose drafts could not pay for that time (``scripts/bench_drafter_time.py``
+            measures it). 0 (the default): lookups are taken as free.
     """
 
     num_speculative_tokens: int = 16
@@ -78,6 +83,7 @@ class DASConfig:
     calibrate: bool = True
     reliability_calibration: bool = False
     max_draft_batch: int | None = None
+    lookup_us_per_request: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -99,6 +105,9 @@ class DASConfig:
             raise ValueError(f"max_draft_batch={cap!r} must be a positive integer or None")
         if not 0.0 <= float(self.min_token_prob) <= 1.0:
             raise ValueError(f"min_token_prob={self.min_token_prob!r} must be in [0, 1]")
+        lookup = self.lookup_us_per_request
+        if isinstance(lookup, bool) or not isinstance(lookup, (int, float)) or not lookup >= 0:
+            raise ValueError(f"lookup_us_per_request={lookup!r} must be a number >= 0")
         if not float(self.max_spec_factor) > 0:
             raise ValueError(f"max_spec_factor={self.max_spec_factor!r} must be > 0")
         if self.policy not in POLICIES:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from das.config import DASConfig
+from das.lookup_gate import LookupGate
 from das.reliability import ReliabilityCalibration
 from policies.budget import BatchView, BudgetPolicy, LengthClass, LengthClassPolicy
 from policies.cost_model import OnlineCostFitter, StepCostModel
@@ -132,6 +133,8 @@ class DrafterStats:
     num_failures: int = 0
     # Batches whose drafts were not looked up: the policy could give none a budget.
     num_skipped_batches: int = 0
+    # Batches not looked up because recent lookups at their size saved less than they cost.
+    num_gated_batches: int = 0
     # Per length class of the request's prompt (long/medium/short): rows given a draft, draft
     # tokens, accepted tokens.
     drafts_by_class: dict[str, int] = field(default_factory=lambda: _per_class())
@@ -204,6 +207,10 @@ class DASDrafter:
         self._num_started = 0
         self.calibration = AcceptanceCalibration(len(SOURCES))
         self.reliability = ReliabilityCalibration()
+        self.lookup_gate = LookupGate(self.config.lookup_us_per_request * 1e-6)
+        # (requests, plain step s, step s with the verified drafts) of the last looked-up
+        # batch, until its outcome reaches the gate.
+        self._gate_pending: tuple[int, float, float] | None = None
         enabled = (
             self.config.use_prompt_history,
             self.config.use_global_tree,
@@ -274,7 +281,11 @@ class DASDrafter:
         requests = [self._request(rid) for rid in request_ids]
         slots = []
         chunks = []
-        self._resolve_pending(requests, arrays)
+        accepted = self._resolve_pending(requests, arrays)
+        if self._gate_pending is not None:
+            num_requests, plain_s, drafted_s = self._gate_pending
+            self.lookup_gate.record(num_requests, accepted, plain_s, drafted_s)
+            self._gate_pending = None
         for request, array in zip(requests, arrays, strict=True):
             request.num_generated += int(array.size)
             slots.append(request.own_slot)
@@ -288,12 +299,13 @@ class DASDrafter:
         np.cumsum([c.size for c in chunks], out=offsets[1:])
         self.forest.append_many(np.asarray(slots), np.concatenate(chunks), offsets)
 
-    def _resolve_pending(self, requests: list[_Request], produced: list[np.ndarray]) -> None:
+    def _resolve_pending(self, requests: list[_Request], produced: list[np.ndarray]) -> int:
         # Score each request's last draft against what the target produced: the accepted
-        # prefix feeds the stats and the calibration of the draft's (source, bucket).
+        # prefix feeds the stats and the calibration of the draft's (source, bucket). Returns
+        # the accepted draft tokens.
         rows = [i for i, r in enumerate(requests) if r.pending_tokens is not None]
         if not rows:
-            return
+            return 0
         k = self.config.num_speculative_tokens
         drafts = np.full((len(rows), k), -1, np.int64)
         truth = np.full((len(rows), k), -2, np.int64)
@@ -323,6 +335,7 @@ class DASDrafter:
             )
         for i in rows:
             requests[i].pending_tokens = None
+        return int(accepted.sum())
 
     def finish_request(
         self,
@@ -445,6 +458,10 @@ class DASDrafter:
                 # No draft of this batch could get a budget: skip the tree lookups.
                 self.stats.num_skipped_batches += 1
                 return _empty_proposal(rows, k)
+            if cost is not None and not self.lookup_gate.should_look_up(rows):
+                # Recent lookups of batches this size saved less than the lookups took.
+                self.stats.num_gated_batches += 1
+                return _empty_proposal(rows, k)
         context_slots = np.fromiter((r.own_slot for r in requests), np.int64, rows)
         roots_by_source = (
             np.fromiter((r.prompt_root for r in requests), np.int64, rows),
@@ -483,6 +500,13 @@ class DASDrafter:
             budgets = np.minimum(budgets, caps)
         np.minimum(drafts.num_tokens, budgets, out=drafts.num_tokens)
         sources[drafts.num_tokens == 0] = -1
+        if shape is not None and cost is not None and self.lookup_gate.lookup_s_per_request:
+            drafted = int(drafts.num_tokens.sum())
+            reads = float(shape.context_tokens.sum())
+            plain_s, drafted_s = cost.step_times(
+                [rows, rows + drafted], reads, [0, drafted], kv_tokens=reads
+            ).tolist()
+            self._gate_pending = (rows, plain_s, drafted_s)
         for i in np.flatnonzero(sources >= 0):
             request = requests[i]
             num = drafts.num_tokens[i]

@@ -68,6 +68,12 @@ def build_drafter(
         settings = DASConfig.from_dict({**base, "policy": "cost_model"})
         # Unweighted tokens per second: weighting predicted-long requests traded throughput
         # for the critical path and measured worse in replays under both cost curves.
-        policy = CostModelPolicy(cost, max_budget=k, weight_by_length=False, min_relative_gain=0.02)
+        policy = CostModelPolicy(
+            cost,
+            max_budget=k,
+            weight_by_length=False,
+            min_relative_gain=0.02,
+            lookup_s_per_request=settings.lookup_us_per_request * 1e-6,
+        )
         return DASDrafter(settings, policy=policy, cost=cost)
     raise ValueError(f"method={method!r} must be one of {METHODS}")

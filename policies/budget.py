@@ -337,6 +337,7 @@ def drafting_can_pay(
     context_tokens: float | np.ndarray = 0,
     weights: np.ndarray | None = None,
     min_relative_gain: float = 0.0,
+    lookup_s: float = 0.0,
 ) -> bool:
     """Whether :func:`optimal_budgets` could give any request a budget, whatever its drafts.
 
@@ -347,7 +348,14 @@ def drafting_can_pay(
     does not beat not drafting by ``min_relative_gain``, :func:`optimal_budgets` returns zeros
     for any acceptance probabilities, and a drafter need not look drafts up. Rounding errs
     toward True. Other arguments as in :func:`optimal_budgets`.
+
+    ``lookup_s`` is the drafter's own time to look this batch's drafts up. A speculative engine
+    drafts between one step's sampling and the next step's launch, so that time is in series
+    with the step: it is added to the time of every choice that drafts, and drafting must pay
+    for it too (the bound then no longer implies zeros from :func:`optimal_budgets`, which
+    decides after the lookup, when its time is spent).
     """
+    lookup = check_real(lookup_s, "lookup_s", minimum=0.0)
     counts = np.maximum(np.asarray(caps, dtype=np.int64), 0)
     num_requests = counts.size
     if num_requests == 0 or counts.max() == 0:
@@ -366,7 +374,7 @@ def drafting_can_pay(
     times = cost.step_times(num_requests + num_drafts, attended, num_drafts, kv_tokens=kv)
     if times.min() <= 0.0:
         return True  # optimal_budgets names the bad cost model
-    rate = produced / times
+    rate = produced / (times + np.where(num_drafts > 0, lookup, 0.0))
     return bool(rate[1:].max() >= rate[0] * (1.0 + min_relative_gain) * (1.0 - 1e-9))
 
 
@@ -632,6 +640,9 @@ class CostModelPolicy(BudgetPolicy):
             go first to the requests predicted to run longest.
         max_weight_ratio: clip of those weights around the batch mean.
         min_relative_gain: see :func:`optimal_budgets` (a margin against estimation error).
+        lookup_s_per_request: the drafter's own time per request to look a batch's drafts up;
+            a batch is looked up only if its drafts could pay for that time too (see
+            :func:`drafting_can_pay`). 0: lookups are free.
     """
 
     cost_source: StepCostModel | OnlineCostFitter
@@ -639,6 +650,7 @@ class CostModelPolicy(BudgetPolicy):
     weight_by_length: bool = False
     max_weight_ratio: float = 4.0
     min_relative_gain: float = 0.0
+    lookup_s_per_request: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.cost_source, (StepCostModel, OnlineCostFitter)):
@@ -649,6 +661,7 @@ class CostModelPolicy(BudgetPolicy):
             check_int(self.max_budget, "max_budget", minimum=0)
         check_real(self.max_weight_ratio, "max_weight_ratio", minimum=1.0)
         check_real(self.min_relative_gain, "min_relative_gain", minimum=0.0)
+        check_real(self.lookup_s_per_request, "lookup_s_per_request", minimum=0.0)
 
     @property
     def cost_model(self) -> StepCostModel:
@@ -678,6 +691,7 @@ class CostModelPolicy(BudgetPolicy):
             context_tokens=batch.context_tokens,
             weights=self._weights(batch),
             min_relative_gain=self.min_relative_gain,
+            lookup_s=self.lookup_s_per_request * len(batch),
         )
 
     def batch_budgets(self, batch: BatchView, cost: StepCostModel | None = None) -> np.ndarray:

@@ -87,6 +87,42 @@ def test_batches_where_no_draft_could_pay_skip_the_tree_lookups(monkeypatch):
     assert lookups == [1] and drafter.stats.num_skipped_batches == 1
 
 
+def test_batches_whose_lookups_saved_less_than_they_cost_are_not_looked_up(monkeypatch):
+    """With lookups priced, a batch size whose last lookup's drafts saved less than the lookup
+    took is skipped until the gate explores it again; a price of 0 never skips."""
+    from policies.budget import CostModelPolicy
+    from policies.cost_model import StepCostModel
+
+    # Flat 10 ms steps: a request's accepted draft token saves 10 ms / batch size.
+    cost = StepCostModel(c_base=0.01, c_tok=0.0, knee_tokens=1000)
+    counts = {}
+    for lookup_us in (0.0, 3000.0):
+        config = prompt_only(num_speculative_tokens=4, lookup_us_per_request=lookup_us)
+        drafter = DASDrafter(config, policy=CostModelPolicy(cost, max_budget=4), cost=cost)
+        lookups = []
+        speculate_many = drafter.forest.speculate_many
+        monkeypatch.setattr(
+            drafter.forest,
+            "speculate_many",
+            lambda *a, f=speculate_many, seen=lookups, **kw: seen.append(1) or f(*a, **kw),
+        )
+        drafter.begin_step(1)
+        run_request(drafter, "r1", PROMPT_A, RESPONSE)
+        drafter.begin_step(2)
+        for rid in "ab":
+            drafter.start_request(rid, PROMPT_A)
+        drafter.extend_many(["a", "b"], [RESPONSE[:5]] * 2)
+        for _ in range(20):
+            # Both drafts wrong: the lookup saved nothing.
+            drafter.propose(["a", "b"])
+            drafter.extend_many(["a", "b"], [[999], [999]])
+        counts[lookup_us] = (len(lookups), drafter.stats.num_gated_batches)
+    assert counts[0.0] == (20, 0)
+    # Priced at 3 ms per request: looked up once, then skipped 15 times in a row before the
+    # 16th pass explores again, and then skipped 3 more times.
+    assert counts[3000.0] == (2, 18)
+
+
 def test_live_sibling_tokens_draft_within_the_same_step():
     drafter = DASDrafter(prompt_only(num_speculative_tokens=3))
     drafter.begin_step(1)
@@ -178,6 +214,8 @@ def test_calibration_learns_that_a_source_is_not_accepted():
         ({"bogus_key": 1}, r"unknown DAS config key\(s\) \['bogus_key'\]"),
         ({"max_draft_batch": 0}, "max_draft_batch=0"),
         ({"max_draft_batch": 2.5}, "max_draft_batch=2.5"),
+        ({"lookup_us_per_request": -1.0}, "lookup_us_per_request=-1.0"),
+        ({"lookup_us_per_request": "fast"}, "lookup_us_per_request='fast'"),
     ],
 )
 def test_config_errors_name_the_key(bad, message):

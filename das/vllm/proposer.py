@@ -461,6 +461,7 @@ class DASProposer:
             "by_prompt": {key: dict(c) for key, c in drafter_stats.by_prompt.items()},
             "num_drafter_failures": drafter_stats.num_failures,
             "num_skipped_batches": drafter_stats.num_skipped_batches,
+            "num_gated_batches": drafter_stats.num_gated_batches,
             "num_proposer_failures": self.num_failures,
             "propose_s": self.propose_s,
             "num_steps": self.num_steps,

@@ -1,0 +1,311 @@
+"""The drafter's own time per engine step, next to what a GPU step costs at that batch size.
+
+A speculative engine asks its proposer for drafts between one step's sampling and the next
+step's launch: the drafter's time is in series with the GPU's. The replay's modelled times
+price the forward passes only. This replays a trace with the vLLM-suffix-like global tree (A),
+DAS's cost-model policy (B), and the same policy told what its lookups cost (C:
+``lookup_us_per_request`` set to B's ``propose`` time per request in batches of more than 32
+requests, measured in the first step), one step of each in turn (the order rotated every
+step). It times the drafter's calls of every pass (``propose`` and ``extend_many``, start and
+finish of requests), and reports by band of decoding requests:
+
+* the drafter's median and mean milliseconds per pass, and microseconds per request;
+* the modelled step time of the same passes under ``--cost`` (default: the measured H100 table);
+* steps 2..: each method's modelled time with and without its drafter time added in series,
+  against no speculation.
+
+The drafter's time is this machine's CPU time (name it with every figure); a GPU host's CPU
+is usually faster. Writes JSON and, with ``--plot``, drafter time per pass against batch size.
+
+    python scripts/bench_drafter_time.py --trace TRACE --json benchmarks/results/drafter_time.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import platform
+import time
+from collections.abc import Hashable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from das import methods
+from das.atomic_json import write_json_atomically
+from das.vllm.engine import read_cpuinfo_field
+from policies.profiles import load_cost_model, policy_cost_model
+from rollouts.replay import StepResult, replay_step
+from rollouts.trace import group_by_step, read_trace
+
+logger = logging.getLogger("bench_drafter_time")
+
+METHODS = ("suffix_global", "das_cost_model", "das_cost_model_lookup")
+# Batches larger than this measure the lookup time per request (the per-call part is amortised).
+LOOKUP_MEASURED_ABOVE = 32
+# Upper bounds of the bands of decoding requests per pass (the last band is open).
+BAND_EDGES = (1, 8, 32, 128, 512)
+
+
+class TimedDrafter:
+    """Wraps a drafter and sums the wall time of its calls per pass of the replay.
+
+    :func:`rollouts.replay.replay_step` makes one pass per iteration: it starts the admitted
+    requests, asks for drafts of the decoding ones (``propose``), gives every advancing request
+    its tokens (``extend_many``, once per pass) and finishes those that ended. A pass's record
+    opens with its first call and closes with ``extend_many`` and the finishes after it; its
+    batch size is the number of requests ``propose`` drafted for (0 in a pass that only
+    prefills).
+    """
+
+    def __init__(self, drafter: Any) -> None:
+        self.drafter = drafter
+        self.batch_sizes: list[int] = []
+        self.seconds: list[float] = []
+        self.propose_seconds: list[float] = []  # per pass with a propose: its time alone
+        self._extended = True  # the last pass has had its extend_many: the next call opens one
+
+    def _timed(self, call: Any, *args: Any, batch_size: int | None = None) -> Any:
+        if self._extended:
+            self.batch_sizes.append(0)
+            self.seconds.append(0.0)
+            self._extended = False
+        started = time.perf_counter()
+        result = call(*args)
+        self.seconds[-1] += time.perf_counter() - started
+        if batch_size is not None:
+            self.batch_sizes[-1] = batch_size
+        return result
+
+    def begin_step(self, step: int | None = None) -> int:
+        self.batch_sizes.clear()
+        self.seconds.clear()
+        self.propose_seconds.clear()
+        self._extended = True
+        return self.drafter.begin_step(step)
+
+    def start_request(self, request_id: Hashable, prompt_tokens: Any, prompt_key: Any = None):
+        return self._timed(self.drafter.start_request, request_id, prompt_tokens, prompt_key)
+
+    def propose(self, request_ids: Sequence[Hashable]) -> Any:
+        before = self.seconds[-1] if self.seconds and not self._extended else 0.0
+        proposal = self._timed(self.drafter.propose, request_ids, batch_size=len(request_ids))
+        self.propose_seconds.append(self.seconds[-1] - before)
+        return proposal
+
+    def lookup_us_per_request(self, above: int) -> float:
+        """``propose`` time per request over the passes of more than ``above`` requests."""
+        sizes = np.array([n for n in self.batch_sizes if n > 0])
+        seconds = np.asarray(self.propose_seconds)
+        large = sizes > above
+        return float(seconds[large].sum() / sizes[large].sum() * 1e6) if large.any() else 0.0
+
+    def extend_many(self, request_ids: Sequence[Hashable], tokens: Sequence[np.ndarray]) -> None:
+        self._timed(self.drafter.extend_many, request_ids, tokens)
+        self._extended = True
+
+    def finish_request(
+        self, request_id: Hashable, finish_reason: str, stop_token_ids: Iterable[int] = ()
+    ) -> None:
+        # Finishes follow their pass's extend_many and belong to it.
+        started = time.perf_counter()
+        self.drafter.finish_request(request_id, finish_reason, stop_token_ids)
+        self.seconds[-1] += time.perf_counter() - started
+
+
+def band_of(batch_sizes: np.ndarray) -> np.ndarray:
+    """Index of each batch size's band (see :data:`BAND_EDGES`)."""
+    return np.searchsorted(np.asarray(BAND_EDGES), batch_sizes, side="left")
+
+
+def band_labels() -> list[str]:
+    labels, low = [], 0
+    for high in BAND_EDGES:
+        labels.append(f"{low}-{high}")
+        low = high + 1
+    return [*labels, f"{low}+"]
+
+
+def cpu_description() -> str:
+    """The CPU's model name and whether it has AVX-512 BF16 and AMX."""
+    name = read_cpuinfo_field("model name") or platform.machine()
+    flags = set((read_cpuinfo_field("flags") or "").split())
+    extras = [flag for flag in ("avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{name} ({', '.join(extras) or 'no AVX-512'})"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trace", type=Path, required=True, help="a das-rollout trace")
+    parser.add_argument("--cost", default="h100", help="step cost model (default: h100 table)")
+    parser.add_argument("--k", type=int, default=16, help="num_speculative_tokens")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--plot", type=Path, help="write drafter time per pass against batch size")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.trace.is_file():
+        parser.error(f"--trace {args.trace} does not exist")
+    try:
+        cost = load_cost_model(args.cost)
+    except ValueError as error:
+        parser.error(f"--cost {args.cost!r}: {error}")
+    steps = group_by_step(read_trace(args.trace))
+    plan = policy_cost_model(cost)
+    drafters = {m: TimedDrafter(methods.build_drafter(m, plan, args.k)) for m in METHODS[:2]}
+    lookup_us = 0.0
+    none: list[StepResult] = []
+    results: dict[str, list[StepResult]] = {m: [] for m in METHODS}
+    passes: dict[str, dict[str, list]] = {
+        m: {"sizes": [], "seconds": [], "step_s": []} for m in METHODS
+    }
+    for index, step in enumerate(sorted(steps)):
+        records = steps[step]
+        none.append(replay_step(step, records, None, cost))
+        # Rotated every step; in the first, C comes after B, whose lookups it is told.
+        order = METHODS[index % 3 :] + METHODS[: index % 3]
+        for method in order:
+            if method not in drafters:  # C: B's lookup time, measured in B's first step
+                lookup_us = drafters["das_cost_model"].lookup_us_per_request(LOOKUP_MEASURED_ABOVE)
+                drafter = methods.build_drafter(
+                    "das_cost_model", plan, args.k, lookup_us_per_request=lookup_us
+                )
+                drafters[method] = TimedDrafter(drafter)
+            timed = drafters[method]
+            result = replay_step(step, records, timed, cost)
+            results[method].append(result)
+            if index == 0:
+                continue  # the first step has no history; its drafts are not the steady state
+            step_times = np.asarray(cost.times(result.shapes))
+            sizes = np.asarray(timed.batch_sizes)
+            if sizes.size != step_times.size:
+                raise RuntimeError(
+                    f"{method}, step {step}: {sizes.size} timed passes for "
+                    f"{step_times.size} replayed ones"
+                )
+            passes[method]["sizes"].extend(sizes.tolist())
+            passes[method]["seconds"].extend(timed.seconds)
+            passes[method]["step_s"].extend(step_times.tolist())
+    labels = band_labels()
+    report: dict[str, Any] = {
+        # Named by the trace's file name only: no path of this machine in the report.
+        "command": f"python scripts/bench_drafter_time.py --trace {args.trace.name} "
+        f"--cost {args.cost} --k {args.k}",
+        "trace": args.trace.name,
+        "cpu": cpu_description(),
+        "cost_model": args.cost,
+        "num_speculative_tokens": args.k,
+        "lookup_us_per_request": lookup_us,
+        "bands": labels,
+        "methods": {},
+    }
+    base_s = sum(r.modelled_s for r in none[1:])
+    for method in METHODS:
+        sizes = np.asarray(passes[method]["sizes"])
+        seconds = np.asarray(passes[method]["seconds"])
+        step_s = np.asarray(passes[method]["step_s"])
+        bands = band_of(sizes)
+        rows = {}
+        for index, label in enumerate(labels):
+            mask = bands == index
+            if not mask.any():
+                continue
+            decoding = sizes[mask].sum()
+            rows[label] = {
+                "passes": int(mask.sum()),
+                "drafter_ms_median": float(np.median(seconds[mask]) * 1e3),
+                "drafter_ms_mean": float(seconds[mask].mean() * 1e3),
+                "drafter_us_per_request": float(seconds[mask].sum() / max(decoding, 1) * 1e6),
+                "step_ms_mean": float(step_s[mask].mean() * 1e3),
+                "drafter_over_step": float(seconds[mask].sum() / step_s[mask].sum()),
+            }
+        modelled = sum(r.modelled_s for r in results[method][1:])
+        drafter = float(seconds.sum())
+        report["methods"][method] = {
+            "bands": rows,
+            "steps_2_on": {
+                "modelled_s": modelled,
+                "drafter_s": drafter,
+                "time_vs_none": modelled / base_s,
+                "time_with_drafter_vs_none": (modelled + drafter) / base_s,
+            },
+        }
+        logger.info(
+            "%-15s steps 2..: modelled %.2f s + drafter %.2f s; vs none %.3fx, with the drafter "
+            "in series %.3fx",
+            method,
+            modelled,
+            drafter,
+            modelled / base_s,
+            (modelled + drafter) / base_s,
+        )
+        for label, row in rows.items():
+            logger.info(
+                "  %-8s %6d passes: drafter %.3f ms median (%.1f us/request), step %.2f ms",
+                label,
+                row["passes"],
+                row["drafter_ms_median"],
+                row["drafter_us_per_request"],
+                row["step_ms_mean"],
+            )
+    a, b, c = (report["methods"][m]["steps_2_on"]["drafter_s"] for m in METHODS)
+    report["drafter_s_ratio_das_over_global"] = b / a if a else None
+    logger.info("DAS's drafter time / the global tree's: %.2fx", b / a if a else float("nan"))
+    if lookup_us == 0.0:
+        logger.info("no batch of more than %d requests: C ran as B", LOOKUP_MEASURED_ABOVE)
+    logger.info(
+        "with lookup_us_per_request=%.1f: DAS's drafter time %.2fx, modelled time with it in "
+        "series %.3fx none (without: %.3fx)",
+        lookup_us,
+        c / b if b else float("nan"),
+        report["methods"][METHODS[2]]["steps_2_on"]["time_with_drafter_vs_none"],
+        report["methods"][METHODS[1]]["steps_2_on"]["time_with_drafter_vs_none"],
+    )
+    if args.json:
+        write_json_atomically(report, args.json)
+        logger.info("wrote %s", args.json)
+    if args.plot:
+        plot(passes, args.plot, f"{args.trace.name}, {report['cpu']}, cost {args.cost}")
+        logger.info("wrote %s", args.plot)
+    return report
+
+
+def binned_medians(sizes: np.ndarray, values: np.ndarray) -> tuple[list[float], list[float]]:
+    """Medians of ``values`` in log-spaced bins of ``sizes`` (bins of at least 5 passes)."""
+    edges = np.unique(np.geomspace(1, 1024, 21).astype(int))
+    centers, medians = [], []
+    for low, high in itertools.pairwise(edges):
+        mask = (sizes >= low) & (sizes < high)
+        if mask.sum() >= 5:
+            centers.append(float(np.sqrt(low * high)))
+            medians.append(float(np.median(values[mask])))
+    return centers, medians
+
+
+def plot(passes: dict[str, dict[str, list]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for method, data in passes.items():
+        sizes, seconds = np.asarray(data["sizes"]), np.asarray(data["seconds"])
+        ax.plot(*binned_medians(sizes, seconds * 1e3), marker="o", label=f"{method}: drafter")
+    data = passes[METHODS[-1]]
+    sizes, step_s = np.asarray(data["sizes"]), np.asarray(data["step_s"])
+    ax.plot(*binned_medians(sizes, step_s * 1e3), "k--", label="modelled step (same passes)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoding requests in the pass")
+    ax.set_ylabel("ms per pass (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -35,6 +35,7 @@ import numpy as np
 
 from das import methods
 from das.atomic_json import write_json_atomically
+from das.bench.batch_bands import band_labels, band_of
 from das.vllm.engine import read_cpuinfo_field
 from policies.profiles import load_cost_model, policy_cost_model
 from rollouts.replay import StepResult, replay_step
@@ -45,8 +46,6 @@ logger = logging.getLogger("bench_drafter_time")
 METHODS = ("suffix_global", "das_cost_model", "das_cost_model_lookup")
 # Batches larger than this measure the lookup time per request (the per-call part is amortised).
 LOOKUP_MEASURED_ABOVE = 32
-# Upper bounds of the bands of decoding requests per pass (the last band is open).
-BAND_EDGES = (1, 8, 32, 128, 512)
 
 
 class TimedDrafter:
@@ -113,19 +112,6 @@ class TimedDrafter:
         started = time.perf_counter()
         self.drafter.finish_request(request_id, finish_reason, stop_token_ids)
         self.seconds[-1] += time.perf_counter() - started
-
-
-def band_of(batch_sizes: np.ndarray) -> np.ndarray:
-    """Index of each batch size's band (see :data:`BAND_EDGES`)."""
-    return np.searchsorted(np.asarray(BAND_EDGES), batch_sizes, side="left")
-
-
-def band_labels() -> list[str]:
-    labels, low = [], 0
-    for high in BAND_EDGES:
-        labels.append(f"{low}-{high}")
-        low = high + 1
-    return [*labels, f"{low}+"]
 
 
 def cpu_description() -> str:

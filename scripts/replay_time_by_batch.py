@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from das.atomic_json import write_json_atomically
+from das.bench.batch_bands import band_labels, band_of
 from das.bench.replay_report import compare_methods
 from das.cli.replay import default_cost_specs, parse_cost_models
 from rollouts.replay import ReplayConfig
@@ -26,24 +27,12 @@ from rollouts.trace import read_trace
 
 logger = logging.getLogger(__name__)
 
-# Upper bounds of the bands of decoding requests per pass (the last band is open). A pass that
-# only prefills (the step's first) decodes 0 requests.
-BAND_EDGES = (1, 8, 32, 128, 512)
-
-
-def band_labels() -> list[str]:
-    labels, low = [], 0
-    for high in BAND_EDGES:
-        labels.append(f"{low}-{high}")
-        low = high + 1
-    return [*labels, f"{low}+"]
-
 
 def split_by_band(shapes, seconds: np.ndarray) -> list[dict[str, float]]:
     """Passes, modelled seconds and draft tokens of each band of ``shapes.num_requests``."""
-    band = np.searchsorted(np.asarray(BAND_EDGES), shapes.num_requests, side="left")
+    band = band_of(shapes.num_requests)
     rows = []
-    for index in range(len(BAND_EDGES) + 1):
+    for index in range(len(band_labels())):
         mask = band == index
         rows.append(
             {

@@ -311,3 +311,15 @@ def test_gpu_cost_prior_is_fitted_to_the_measured_h100_table(monkeypatch) -> Non
             context_tokens=batch * (1 + drafts) * 2048,
         )
         np.testing.assert_allclose(prior.times(shapes), table.times(shapes), rtol=0.2)
+
+
+def test_the_lookup_price_reaches_the_engines_policy_and_gate() -> None:
+    """``lookup_us_per_request`` in vLLM's additional_config prices the engine drafter's
+    lookups in both places that use it, and the stats report the gated batches."""
+    priced = make_proposer(policy="cost_model", lookup_us_per_request=7.0)
+    assert priced.drafter.lookup_gate.lookup_s_per_request == pytest.approx(7e-6)
+    assert priced.drafter.policy.lookup_s_per_request == pytest.approx(7e-6)
+    assert priced.stats()["num_gated_batches"] == 0
+    free = make_proposer(policy="cost_model")
+    assert free.drafter.lookup_gate.lookup_s_per_request == 0.0
+    assert free.drafter.policy.lookup_s_per_request == 0.0

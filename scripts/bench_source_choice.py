@@ -59,7 +59,9 @@ class SourceLog(OracleSourceDrafter):
             raw[source] = batch.cumulative_probs().sum(axis=1)
             for other, twin in enumerate(batches):
                 if other != source and twin is not None:
-                    agree[source] += _common_prefix(batch, twin)
+                    # The other draft as the truth: how far this draft repeats it.
+                    repeated = [twin.tokens[row, :n] for row, n in enumerate(twin.num_tokens)]
+                    agree[source] += accepted_per_source([batch], repeated)[0]
         self.passes.append(
             {
                 "step": np.full(rows, self.step),
@@ -74,13 +76,11 @@ class SourceLog(OracleSourceDrafter):
         return np.argmax(scores, axis=0)
 
 
-def _common_prefix(a: DraftBatch, b: DraftBatch) -> np.ndarray:
-    width = min(a.tokens.shape[1], b.tokens.shape[1])
-    columns = np.arange(width)[None, :]
-    same = (a.tokens[:, :width] == b.tokens[:, :width]) & (
-        columns < np.minimum(a.num_tokens, b.num_tokens)[:, None]
-    )
-    return np.cumprod(same, axis=1).sum(axis=1)
+def accepted_of_picks(accepted: np.ndarray, values: np.ndarray) -> int:
+    """Accepted tokens of the source each row's largest ``values`` picks (``accepted``:
+    [sources, rows], -1 for a disabled source, which never wins; ties: the first maximum)."""
+    pick = np.argmax(np.where(accepted >= 0, values, -np.inf), axis=0)
+    return int(accepted[pick, np.arange(accepted.shape[1])].sum())
 
 
 def features(log: dict[str, np.ndarray]) -> np.ndarray:
@@ -103,12 +103,9 @@ def score_rules(log: dict[str, np.ndarray], from_step: int) -> dict[str, Any]:
     """Accepted tokens of each rule's picks, and their share of the best source per pass."""
     counted = log["step"] >= from_step
     accepted = log["accepted"][:, counted]
-    enabled = accepted >= 0
-    rows = np.arange(accepted.shape[1])
 
     def total(values: np.ndarray) -> int:
-        # Disabled sources never win; the first maximum wins ties.
-        return int(accepted[np.argmax(np.where(enabled, values, -np.inf), axis=0), rows].sum())
+        return accepted_of_picks(accepted, values)
 
     def col(name: str) -> np.ndarray:
         return log[name][:, counted]
@@ -145,14 +142,8 @@ def score_rules(log: dict[str, np.ndarray], from_step: int) -> dict[str, Any]:
             )
             predicted[source] = x_all[source] @ weights
         test = log["accepted"][:, test_rows]
-        test_enabled = test >= 0
-        test_index = np.arange(test.shape[1])
-
-        def test_total(values: np.ndarray) -> int:
-            pick = np.argmax(np.where(test_enabled, values[:, test_rows], -np.inf), axis=0)
-            return int(test[pick, test_index].sum())
-
-        learned, current = test_total(predicted), test_total(log["score"])
+        learned = accepted_of_picks(test, predicted[:, test_rows])
+        current = accepted_of_picks(test, log["score"][:, test_rows])
         report["least_squares"] = {
             "fitted_on_step": int(steps[0]),
             "accepted": learned,

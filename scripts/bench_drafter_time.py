@@ -63,41 +63,41 @@ class TimedDrafter:
         self.drafter = drafter
         self.batch_sizes: list[int] = []
         self.seconds: list[float] = []
-        self.propose_seconds: list[float] = []  # per pass with a propose: its time alone
+        self.proposals: list[tuple[int, float]] = []  # (batch size, seconds) of each propose
         self._extended = True  # the last pass has had its extend_many: the next call opens one
 
-    def _timed(self, call: Any, *args: Any, batch_size: int | None = None) -> Any:
+    def _timed(self, call: Any, *args: Any) -> tuple[Any, float]:
+        """``call(*args)`` and its seconds, charged to the open pass (opening one if needed)."""
         if self._extended:
             self.batch_sizes.append(0)
             self.seconds.append(0.0)
             self._extended = False
         started = time.perf_counter()
         result = call(*args)
-        self.seconds[-1] += time.perf_counter() - started
-        if batch_size is not None:
-            self.batch_sizes[-1] = batch_size
-        return result
+        elapsed = time.perf_counter() - started
+        self.seconds[-1] += elapsed
+        return result, elapsed
 
     def begin_step(self, step: int | None = None) -> int:
         self.batch_sizes.clear()
         self.seconds.clear()
-        self.propose_seconds.clear()
+        self.proposals.clear()
         self._extended = True
         return self.drafter.begin_step(step)
 
     def start_request(self, request_id: Hashable, prompt_tokens: Any, prompt_key: Any = None):
-        return self._timed(self.drafter.start_request, request_id, prompt_tokens, prompt_key)
+        return self._timed(self.drafter.start_request, request_id, prompt_tokens, prompt_key)[0]
 
     def propose(self, request_ids: Sequence[Hashable]) -> Any:
-        before = self.seconds[-1] if self.seconds and not self._extended else 0.0
-        proposal = self._timed(self.drafter.propose, request_ids, batch_size=len(request_ids))
-        self.propose_seconds.append(self.seconds[-1] - before)
+        proposal, elapsed = self._timed(self.drafter.propose, request_ids)
+        self.batch_sizes[-1] = len(request_ids)
+        self.proposals.append((len(request_ids), elapsed))
         return proposal
 
     def lookup_us_per_request(self, above: int) -> float:
         """``propose`` time per request over the passes of more than ``above`` requests."""
-        sizes = np.array([n for n in self.batch_sizes if n > 0])
-        seconds = np.asarray(self.propose_seconds)
+        sizes = np.array([n for n, _ in self.proposals])
+        seconds = np.array([elapsed for _, elapsed in self.proposals])
         large = sizes > above
         return float(seconds[large].sum() / sizes[large].sum() * 1e6) if large.any() else 0.0
 

@@ -14,6 +14,8 @@ WINDOW_RULES = ("appearances", "steps")  # as rollouts.history.WINDOW_RULES
 # recorded responses (scripts/bench_history_window.py, "bytes_per_token_fill"). The default
 # budgets, prompt histories plus global tree, come to 9.5 M tokens: about 2 GB.
 HISTORY_BYTES_PER_TOKEN = 224
+# lookup_us_per_request's value for "the drafter measures its own lookups".
+LOOKUP_MEASURED = "auto"
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,12 @@ class DASConfig:
             is where drafting shortens it.
         lookup_us_per_request: the drafter's own time, in microseconds per request, to look a
             batch's drafts up in the suffix trees. It runs between one engine step and the
-            next, in series with the GPU, so the cost-model policy skips the lookups of a batch
-            whose drafts could not pay for that time (``scripts/bench_drafter_time.py``
-            measures it). 0 (the default): lookups are taken as free.
+            next, in series with the GPU, so the cost-model policy skips the lookups of batch
+            sizes whose recent drafts saved less than that time (``das.lookup_gate``).
+            ``"auto"`` (the default): the drafter times its own lookups. A number fixes the
+            price (``scripts/bench_drafter_time.py`` measures it); 0: lookups are taken as
+            free and never skipped. Replays (``das.methods.build_drafter``) take 0 unless told,
+            so that their modelled times do not depend on the machine's clock.
     """
 
     num_speculative_tokens: int = 16
@@ -83,7 +88,7 @@ class DASConfig:
     calibrate: bool = True
     reliability_calibration: bool = False
     max_draft_batch: int | None = None
-    lookup_us_per_request: float = 0.0
+    lookup_us_per_request: float | str = LOOKUP_MEASURED
 
     def __post_init__(self) -> None:
         for name in (
@@ -106,8 +111,12 @@ class DASConfig:
         if not 0.0 <= float(self.min_token_prob) <= 1.0:
             raise ValueError(f"min_token_prob={self.min_token_prob!r} must be in [0, 1]")
         lookup = self.lookup_us_per_request
-        if isinstance(lookup, bool) or not isinstance(lookup, (int, float)) or not lookup >= 0:
-            raise ValueError(f"lookup_us_per_request={lookup!r} must be a number >= 0")
+        if lookup != LOOKUP_MEASURED and (
+            isinstance(lookup, bool) or not isinstance(lookup, (int, float)) or not lookup >= 0
+        ):
+            raise ValueError(
+                f"lookup_us_per_request={lookup!r} must be {LOOKUP_MEASURED!r} or a number >= 0"
+            )
         if not float(self.max_spec_factor) > 0:
             raise ValueError(f"max_spec_factor={self.max_spec_factor!r} must be > 0")
         if self.policy not in POLICIES:
@@ -126,6 +135,13 @@ class DASConfig:
         if unknown:
             raise ValueError(f"unknown DAS config key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**values)
+
+    @property
+    def lookup_s_per_request(self) -> float | None:
+        """``lookup_us_per_request`` in seconds; ``None`` when the drafter measures it."""
+        if self.lookup_us_per_request == LOOKUP_MEASURED:
+            return None
+        return float(self.lookup_us_per_request) * 1e-6
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,7 +17,8 @@ length) enter history; aborted ones are removed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Iterable, Sequence
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -180,10 +181,13 @@ class DASDrafter:
         policy: BudgetPolicy | None = None,
         cost: StepCostModel | OnlineCostFitter | None = None,
         length_classes: LengthClassPolicy | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """``policy`` sets per-request budgets each iteration (None: always the full K), with
-        ``cost`` as its step cost model; ``length_classes`` ranks prompts by history length."""
+        ``cost`` as its step cost model; ``length_classes`` ranks prompts by history length;
+        ``clock`` times the lookups when ``config.lookup_us_per_request`` is ``"auto"``."""
         self.config = config or DASConfig()
+        self._clock = clock
         self.policy = policy
         self.cost = cost
         self.length_classes = length_classes or LengthClassPolicy()
@@ -207,7 +211,7 @@ class DASDrafter:
         self._num_started = 0
         self.calibration = AcceptanceCalibration(len(SOURCES))
         self.reliability = ReliabilityCalibration()
-        self.lookup_gate = LookupGate(self.config.lookup_us_per_request * 1e-6)
+        self.lookup_gate = LookupGate(self.config.lookup_s_per_request)
         # (requests, plain step s, step s with the verified drafts) of the last looked-up
         # batch, until its outcome reaches the gate.
         self._gate_pending: tuple[int, float, float] | None = None
@@ -452,15 +456,17 @@ class DASDrafter:
         requests = [self._request(rid) for rid in request_ids]
         cost = self.cost.model if isinstance(self.cost, OnlineCostFitter) else self.cost
         shape = None
+        # Timed from here: what a gated batch would not have spent.
+        lookup_started = self._clock() if self.lookup_gate.measures else 0.0
         if self.policy is not None and rows:
+            if cost is not None and not self.lookup_gate.should_look_up(rows):
+                # Recent lookups of batches this size saved less than the lookups took.
+                self.stats.num_gated_batches += 1
+                return _empty_proposal(rows, k)
             shape = self._batch_view(requests, np.zeros((rows, 0)))
             if not self.policy.may_draft(shape, caps, cost):
                 # No draft of this batch could get a budget: skip the tree lookups.
                 self.stats.num_skipped_batches += 1
-                return _empty_proposal(rows, k)
-            if cost is not None and not self.lookup_gate.should_look_up(rows):
-                # Recent lookups of batches this size saved less than the lookups took.
-                self.stats.num_gated_batches += 1
                 return _empty_proposal(rows, k)
         context_slots = np.fromiter((r.own_slot for r in requests), np.int64, rows)
         roots_by_source = (
@@ -500,7 +506,7 @@ class DASDrafter:
             budgets = np.minimum(budgets, caps)
         np.minimum(drafts.num_tokens, budgets, out=drafts.num_tokens)
         sources[drafts.num_tokens == 0] = -1
-        if shape is not None and cost is not None and self.lookup_gate.lookup_s_per_request:
+        if shape is not None and cost is not None and self.lookup_gate.enabled:
             drafted = int(drafts.num_tokens.sum())
             reads = float(shape.context_tokens.sum())
             plain_s, drafted_s = cost.step_times(
@@ -516,6 +522,8 @@ class DASDrafter:
             request.pending_probs = drafts.probs[i, :num].copy()
             request.pending_cumulative = predicted[i, :num].copy()
         self._count(requests, drafts, sources)
+        if self.lookup_gate.measures:
+            self.lookup_gate.record_lookup(rows, self._clock() - lookup_started)
         return Proposal(drafts, sources, budgets)
 
     def _choose_sources(self, batches: list[DraftBatch | None], scores: np.ndarray) -> np.ndarray:

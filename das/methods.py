@@ -48,7 +48,9 @@ def build_drafter(
         return None
     if method == "ngram":
         return NgramDrafter(num_speculative_tokens=k)
-    base = {"num_speculative_tokens": k, **config}
+    # A replay's times are modelled: lookups are free unless the caller prices them, since a
+    # drafter timing itself by the clock would make the replay depend on the machine.
+    base = {"num_speculative_tokens": k, "lookup_us_per_request": 0.0, **config}
     if method == "suffix_global":
         settings = DASConfig.from_dict(
             {**base, "use_prompt_history": False, "use_global_tree": True, "policy": "fixed"}
@@ -73,7 +75,8 @@ def build_drafter(
             max_budget=k,
             weight_by_length=False,
             min_relative_gain=0.02,
-            lookup_s_per_request=settings.lookup_us_per_request * 1e-6,
+            # Measured lookup times reach the drafter's gate only (das.lookup_gate).
+            lookup_s_per_request=settings.lookup_s_per_request or 0.0,
         )
         return DASDrafter(settings, policy=policy, cost=cost)
     raise ValueError(f"method={method!r} must be one of {METHODS}")

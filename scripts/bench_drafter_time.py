@@ -3,11 +3,12 @@
 A speculative engine asks its proposer for drafts between one step's sampling and the next
 step's launch: the drafter's time is in series with the GPU's. The replay's modelled times
 price the forward passes only. This replays a trace with the vLLM-suffix-like global tree (A),
-DAS's cost-model policy (B), and the same policy told what its lookups cost (C:
-``lookup_us_per_request`` set to B's ``propose`` time per request in batches of more than 32
-requests, measured in the first step), one step of each in turn (the order rotated every
-step). It times the drafter's calls of every pass (``propose`` and ``extend_many``, start and
-finish of requests), and reports by band of decoding requests:
+DAS's cost-model policy with lookups taken as free (B, as every other replay runs it), and the
+same policy timing its own lookups as a live engine's drafter does (C:
+``lookup_us_per_request="auto"``, whose gate skips the lookups of batch sizes that saved less
+than they took), one step of each in turn (the order rotated every step). It times the
+drafter's calls of every pass (``propose`` and ``extend_many``, start and finish of requests),
+and reports by band of decoding requests:
 
 * the drafter's median and mean milliseconds per pass, and microseconds per request;
 * the modelled step time of the same passes under ``--cost`` (default: the measured H100 table);
@@ -43,9 +44,7 @@ from rollouts.trace import group_by_step, read_trace
 
 logger = logging.getLogger("bench_drafter_time")
 
-METHODS = ("suffix_global", "das_cost_model", "das_cost_model_lookup")
-# Batches larger than this measure the lookup time per request (the per-call part is amortised).
-LOOKUP_MEASURED_ABOVE = 32
+METHODS = ("suffix_global", "das_cost_model", "das_cost_model_auto")
 
 
 class TimedDrafter:
@@ -94,13 +93,6 @@ class TimedDrafter:
         self.proposals.append((len(request_ids), elapsed))
         return proposal
 
-    def lookup_us_per_request(self, above: int) -> float:
-        """``propose`` time per request over the passes of more than ``above`` requests."""
-        sizes = np.array([n for n, _ in self.proposals])
-        seconds = np.array([elapsed for _, elapsed in self.proposals])
-        large = sizes > above
-        return float(seconds[large].sum() / sizes[large].sum() * 1e6) if large.any() else 0.0
-
     def extend_many(self, request_ids: Sequence[Hashable], tokens: Sequence[np.ndarray]) -> None:
         self._timed(self.drafter.extend_many, request_ids, tokens)
         self._extended = True
@@ -139,8 +131,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--cost {args.cost!r}: {error}")
     steps = group_by_step(read_trace(args.trace))
     plan = policy_cost_model(cost)
-    drafters = {m: TimedDrafter(methods.build_drafter(m, plan, args.k)) for m in METHODS[:2]}
-    lookup_us = 0.0
+    drafters = {
+        method: TimedDrafter(methods.build_drafter(name, plan, args.k, **options))
+        for method, (name, options) in {
+            "suffix_global": ("suffix_global", {}),
+            "das_cost_model": ("das_cost_model", {}),
+            "das_cost_model_auto": ("das_cost_model", {"lookup_us_per_request": "auto"}),
+        }.items()
+    }
     none: list[StepResult] = []
     results: dict[str, list[StepResult]] = {m: [] for m in METHODS}
     passes: dict[str, dict[str, list]] = {
@@ -149,15 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for index, step in enumerate(sorted(steps)):
         records = steps[step]
         none.append(replay_step(step, records, None, cost))
-        # Rotated every step; in the first, C comes after B, whose lookups it is told.
-        order = METHODS[index % 3 :] + METHODS[: index % 3]
+        order = METHODS[index % 3 :] + METHODS[: index % 3]  # rotated every step
         for method in order:
-            if method not in drafters:  # C: B's lookup time, measured in B's first step
-                lookup_us = drafters["das_cost_model"].lookup_us_per_request(LOOKUP_MEASURED_ABOVE)
-                drafter = methods.build_drafter(
-                    "das_cost_model", plan, args.k, lookup_us_per_request=lookup_us
-                )
-                drafters[method] = TimedDrafter(drafter)
             timed = drafters[method]
             result = replay_step(step, records, timed, cost)
             results[method].append(result)
@@ -174,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             passes[method]["seconds"].extend(timed.seconds)
             passes[method]["step_s"].extend(step_times.tolist())
     labels = band_labels()
+    gate = drafters["das_cost_model_auto"].drafter.lookup_gate
     report: dict[str, Any] = {
         # Named by the trace's file name only: no path of this machine in the report.
         "command": f"python scripts/bench_drafter_time.py --trace {args.trace.name} "
@@ -182,7 +174,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu": cpu_description(),
         "cost_model": args.cost,
         "num_speculative_tokens": args.k,
-        "lookup_us_per_request": lookup_us,
+        # What C's gate measured, per power-of-two band of batch sizes (the median of recent
+        # lookups).
+        "auto_lookup_us_per_request": {
+            f"{2**band}-{2 ** (band + 1) - 1}": seconds * 1e6
+            for band, seconds in sorted(gate.measured_s_per_request.items())
+        },
+        "auto_gated_batches": drafters["das_cost_model_auto"].drafter.stats.num_gated_batches,
         "bands": labels,
         "methods": {},
     }
@@ -238,12 +236,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a, b, c = (report["methods"][m]["steps_2_on"]["drafter_s"] for m in METHODS)
     report["drafter_s_ratio_das_over_global"] = b / a if a else None
     logger.info("DAS's drafter time / the global tree's: %.2fx", b / a if a else float("nan"))
-    if lookup_us == 0.0:
-        logger.info("no batch of more than %d requests: C ran as B", LOOKUP_MEASURED_ABOVE)
     logger.info(
-        "with lookup_us_per_request=%.1f: DAS's drafter time %.2fx, modelled time with it in "
-        "series %.3fx none (without: %.3fx)",
-        lookup_us,
+        "timing its lookups (%d batches gated): DAS's drafter time %.2fx, modelled time with "
+        "it in series %.3fx none (free lookups: %.3fx)",
+        report["auto_gated_batches"],
         c / b if b else float("nan"),
         report["methods"][METHODS[2]]["steps_2_on"]["time_with_drafter_vs_none"],
         report["methods"][METHODS[1]]["steps_2_on"]["time_with_drafter_vs_none"],

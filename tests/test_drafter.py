@@ -87,40 +87,58 @@ def test_batches_where_no_draft_could_pay_skip_the_tree_lookups(monkeypatch):
     assert lookups == [1] and drafter.stats.num_skipped_batches == 1
 
 
-def test_batches_whose_lookups_saved_less_than_they_cost_are_not_looked_up(monkeypatch):
-    """With lookups priced, a batch size whose last lookup's drafts saved less than the lookup
-    took is skipped until the gate explores it again; a price of 0 never skips."""
+def lookups_and_gated_batches(monkeypatch, lookup_us, clock=None) -> tuple[int, int]:
+    """Tree lookups and gated batches in 20 passes of 2 requests whose drafts are all wrong,
+    under flat 10 ms steps (a request's accepted draft token would save 10 ms / 2)."""
     from policies.budget import CostModelPolicy
     from policies.cost_model import StepCostModel
 
-    # Flat 10 ms steps: a request's accepted draft token saves 10 ms / batch size.
     cost = StepCostModel(c_base=0.01, c_tok=0.0, knee_tokens=1000)
-    counts = {}
-    for lookup_us in (0.0, 3000.0):
-        config = prompt_only(num_speculative_tokens=4, lookup_us_per_request=lookup_us)
-        drafter = DASDrafter(config, policy=CostModelPolicy(cost, max_budget=4), cost=cost)
-        lookups = []
-        speculate_many = drafter.forest.speculate_many
-        monkeypatch.setattr(
-            drafter.forest,
-            "speculate_many",
-            lambda *a, f=speculate_many, seen=lookups, **kw: seen.append(1) or f(*a, **kw),
-        )
-        drafter.begin_step(1)
-        run_request(drafter, "r1", PROMPT_A, RESPONSE)
-        drafter.begin_step(2)
-        for rid in "ab":
-            drafter.start_request(rid, PROMPT_A)
-        drafter.extend_many(["a", "b"], [RESPONSE[:5]] * 2)
-        for _ in range(20):
-            # Both drafts wrong: the lookup saved nothing.
-            drafter.propose(["a", "b"])
-            drafter.extend_many(["a", "b"], [[999], [999]])
-        counts[lookup_us] = (len(lookups), drafter.stats.num_gated_batches)
-    assert counts[0.0] == (20, 0)
+    config = prompt_only(num_speculative_tokens=4, lookup_us_per_request=lookup_us)
+    policy = CostModelPolicy(cost, max_budget=4)
+    options = {} if clock is None else {"clock": clock}
+    drafter = DASDrafter(config, policy=policy, cost=cost, **options)
+    lookups = []
+    speculate_many = drafter.forest.speculate_many
+    monkeypatch.setattr(
+        drafter.forest,
+        "speculate_many",
+        lambda *a, f=speculate_many, **kw: lookups.append(1) or f(*a, **kw),
+    )
+    drafter.begin_step(1)
+    run_request(drafter, "r1", PROMPT_A, RESPONSE)
+    drafter.begin_step(2)
+    for rid in "ab":
+        drafter.start_request(rid, PROMPT_A)
+    drafter.extend_many(["a", "b"], [RESPONSE[:5]] * 2)
+    for step in range(20):
+        # Tokens never seen before: every draft is wrong, and no lookup saves anything.
+        drafter.propose(["a", "b"])
+        drafter.extend_many(["a", "b"], [[1000 + 2 * step], [1001 + 2 * step]])
+    return len(lookups), drafter.stats.num_gated_batches
+
+
+def test_batches_whose_lookups_saved_less_than_they_cost_are_not_looked_up(monkeypatch):
+    """With lookups priced, a batch size whose last lookup's drafts saved less than the lookup
+    took is skipped until the gate explores it again; a price of 0 never skips."""
+    assert lookups_and_gated_batches(monkeypatch, 0.0) == (20, 0)
     # Priced at 3 ms per request: looked up once, then skipped 15 times in a row before the
     # 16th pass explores again, and then skipped 3 more times.
-    assert counts[3000.0] == (2, 18)
+    assert lookups_and_gated_batches(monkeypatch, 3000.0) == (2, 18)
+
+
+def test_measured_lookups_are_gated_by_the_time_the_drafter_clocked(monkeypatch):
+    """``lookup_us_per_request="auto"``: the drafter times its own lookups. A clock that sees
+    3 ms pass in a lookup of 2 requests gates as a price does; one that sees no time passing
+    never gates."""
+
+    def clock_advancing(seconds_per_call: float):
+        calls = []
+        return lambda: calls.append(1) or len(calls) * seconds_per_call
+
+    # Looked up 5 times before the measured time prices the band, then skipped 15 in a row.
+    assert lookups_and_gated_batches(monkeypatch, "auto", clock_advancing(0.003)) == (5, 15)
+    assert lookups_and_gated_batches(monkeypatch, "auto", clock_advancing(0.0)) == (20, 0)
 
 
 def test_live_sibling_tokens_draft_within_the_same_step():

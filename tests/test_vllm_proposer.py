@@ -315,11 +315,16 @@ def test_gpu_cost_prior_is_fitted_to_the_measured_h100_table(monkeypatch) -> Non
 
 def test_the_lookup_price_reaches_the_engines_policy_and_gate() -> None:
     """``lookup_us_per_request`` in vLLM's additional_config prices the engine drafter's
-    lookups in both places that use it, and the stats report the gated batches."""
+    lookups in both places that use it, and the stats report the gated batches; left out,
+    the engine's drafter measures its lookups."""
     priced = make_proposer(policy="cost_model", lookup_us_per_request=7.0)
     assert priced.drafter.lookup_gate.lookup_s_per_request == pytest.approx(7e-6)
     assert priced.drafter.policy.lookup_s_per_request == pytest.approx(7e-6)
     assert priced.stats()["num_gated_batches"] == 0
-    free = make_proposer(policy="cost_model")
+    free = make_proposer(policy="cost_model", lookup_us_per_request=0)
     assert free.drafter.lookup_gate.lookup_s_per_request == 0.0
-    assert free.drafter.policy.lookup_s_per_request == 0.0
+    assert not free.drafter.lookup_gate.enabled
+    # By default an engine's drafter times its own lookups: the gate measures them.
+    measured = make_proposer(policy="cost_model")
+    assert measured.drafter.lookup_gate.measures
+    assert measured.drafter.policy.lookup_s_per_request == 0.0

@@ -101,6 +101,14 @@ class LookupGate:
         if len(recent) >= MIN_MEASURED_LOOKUPS:
             self.measured_s_per_request[band] = statistics.median(recent)
 
+    def measured_us_by_band(self) -> dict[str, float]:
+        """The measured lookup time per request, in microseconds, of each band that has one,
+        keyed by the band's batch sizes (``"16-31"``)."""
+        return {
+            f"{2**band}-{2 ** (band + 1) - 1}": seconds * 1e6
+            for band, seconds in sorted(self.measured_s_per_request.items())
+        }
+
     @staticmethod
     def band(num_requests: int) -> int:
         """The band of a batch of ``num_requests`` (>= 1): floor(log2(num_requests))."""

@@ -176,10 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_speculative_tokens": args.k,
         # What C's gate measured, per power-of-two band of batch sizes (the median of recent
         # lookups).
-        "auto_lookup_us_per_request": {
-            f"{2**band}-{2 ** (band + 1) - 1}": seconds * 1e6
-            for band, seconds in sorted(gate.measured_s_per_request.items())
-        },
+        "auto_lookup_us_per_request": gate.measured_us_by_band(),
         "auto_gated_batches": drafters["das_cost_model_auto"].drafter.stats.num_gated_batches,
         "bands": labels,
         "methods": {},

@@ -88,3 +88,7 @@ def test_cost_model_policy_outputs_equal_a_plain_engine_in_every_step(runs) -> N
     assert stats[1]["num_accepted_tokens"] > stats[0]["num_accepted_tokens"]
     assert stats[2]["num_accepted_tokens"] > stats[1]["num_accepted_tokens"]
     assert final["num_proposer_failures"] == 0 and final["num_drafter_failures"] == 0
+    # By default the engine's drafter times its lookups; beside a CPU engine's steps they are
+    # a small share, so no batch was skipped for them.
+    assert final["lookup_us_by_band"] and all(us > 0 for us in final["lookup_us_by_band"].values())
+    assert final["num_gated_batches"] == 0

@@ -462,6 +462,8 @@ class DASProposer:
             "num_drafter_failures": drafter_stats.num_failures,
             "num_skipped_batches": drafter_stats.num_skipped_batches,
             "num_gated_batches": drafter_stats.num_gated_batches,
+            # The drafter's timed lookups (lookup_us_per_request: auto), per band of batch sizes.
+            "lookup_us_by_band": self.drafter.lookup_gate.measured_us_by_band(),
             "num_proposer_failures": self.num_failures,
             "propose_s": self.propose_s,
             "num_steps": self.num_steps,

@@ -259,6 +259,13 @@ def test_rollout_metrics_are_per_step_differences_summed_over_workers() -> None:
     assert metrics["rollout/das_draft_tokens"] == 88.0
     assert metrics["rollout/das_accepted_tokens/medium"] == 2.0
     assert das_rollout_metrics(after, after)["rollout/das_accepted_tokens"] == 0.0
+    # Batches the drafter did not look up, per step: a worker's counters 3 and 7 before, 5 and
+    # 19 after (stats from before the counters existed count from 0).
+    before[0] |= {"num_skipped_batches": 3, "num_gated_batches": 7}
+    after[0] |= {"num_skipped_batches": 5, "num_gated_batches": 19}
+    metrics = das_rollout_metrics(before, after)
+    assert (metrics["rollout/das_skipped_batches"], metrics["rollout/das_gated_batches"]) == (2, 12)
+    assert das_rollout_metrics([None, None], after)["rollout/das_gated_batches"] == 19
     with pytest.raises(ValueError, match="2 workers before"):
         das_rollout_metrics(before, after[:1])
 

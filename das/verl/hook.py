@@ -166,7 +166,12 @@ def das_rollout_metrics(
                 old_value = ((old or {}).get(key) or {}).get(length_class, 0)
                 totals[name] = totals.get(name, 0) + int((new.get(key) or {}).get(length_class, 0))
                 totals[name] -= int(old_value)
-        for key in ("num_draft_tokens", "num_accepted_tokens"):
+        for key in (
+            "num_draft_tokens",
+            "num_accepted_tokens",
+            "num_skipped_batches",
+            "num_gated_batches",
+        ):
             totals[key] = totals.get(key, 0) + _delta(new, old, key)
     drafts = sum(totals.get(f"drafts/{c}", 0) for c in LENGTH_CLASSES)
     metrics = {
@@ -175,6 +180,10 @@ def das_rollout_metrics(
         "rollout/das_accept_len": 1.0 + totals.get("num_accepted_tokens", 0) / drafts
         if drafts
         else 1.0,
+        # Batches not looked up: no draft could pay, or recent lookups at their size saved
+        # less than they took (das.lookup_gate).
+        "rollout/das_skipped_batches": float(totals.get("num_skipped_batches", 0)),
+        "rollout/das_gated_batches": float(totals.get("num_gated_batches", 0)),
     }
     for length_class in LENGTH_CLASSES:
         class_drafts = totals.get(f"drafts/{length_class}", 0)

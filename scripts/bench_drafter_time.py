@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import platform
 import time
 from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 from das import methods
 from das.atomic_json import write_json_atomically
 from das.bench.batch_bands import band_labels, band_of
-from das.vllm.engine import read_cpuinfo_field
+from das.vllm.engine import cpu_description
 from policies.profiles import load_cost_model, policy_cost_model
 from rollouts.replay import StepResult, replay_step
 from rollouts.trace import group_by_step, read_trace
@@ -104,14 +103,6 @@ class TimedDrafter:
         started = time.perf_counter()
         self.drafter.finish_request(request_id, finish_reason, stop_token_ids)
         self.seconds[-1] += time.perf_counter() - started
-
-
-def cpu_description() -> str:
-    """The CPU's model name and whether it has AVX-512 BF16 and AMX."""
-    name = read_cpuinfo_field("model name") or platform.machine()
-    flags = set((read_cpuinfo_field("flags") or "").split())
-    extras = [flag for flag in ("avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
-    return f"{name} ({', '.join(extras) or 'no AVX-512'})"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from das.vllm import engine
-from das.vllm.engine import choose_dtype, read_cpu_flags, resolve_dtype
+from das.vllm.engine import choose_dtype, cpu_description, read_cpu_flags, resolve_dtype
 
 # Flag sets as /proc/cpuinfo spells them (abridged).
 AVX2_EPYC = {"fpu", "sse4_2", "avx", "avx2", "fma", "bmi2", "sha_ni"}  # AMD EPYC (Zen 2/3)
@@ -66,6 +66,10 @@ def test_cpu_flags_are_read_from_the_first_flags_line(tmp_path: Path) -> None:
     )
     assert read_cpu_flags(cpuinfo) == {"fpu", "avx2", "amx_bf16", "avx512_bf16"}
     assert read_cpu_flags(tmp_path / "absent") == frozenset()
+    # The name benchmarks give the machine: model and the wide-vector flags it has.
+    assert cpu_description(cpuinfo) == "Some CPU (avx512_bf16, amx_bf16)"
+    cpuinfo.write_text("model name\t: Old CPU\nflags\t\t: fpu avx2\n")
+    assert cpu_description(cpuinfo) == "Old CPU (no AVX-512)"
 
 
 def test_resolve_logs_the_dtype_and_why(monkeypatch, caplog) -> None:

@@ -27,6 +27,7 @@ import gc
 import json
 import logging
 import os
+import platform
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,15 @@ def read_cpuinfo_field(field: str, cpuinfo: str | os.PathLike[str] = CPUINFO) ->
 def read_cpu_flags(cpuinfo: str | os.PathLike[str] = CPUINFO) -> frozenset[str]:
     """The flags of the first CPU in ``cpuinfo``; empty when the file is absent or has none."""
     return frozenset((read_cpuinfo_field("flags", cpuinfo) or "").split())
+
+
+def cpu_description(cpuinfo: str | os.PathLike[str] = CPUINFO) -> str:
+    """The first CPU's model name and which of AVX-512, AVX-512 BF16 and AMX it has, for
+    naming the machine beside a timing."""
+    name = read_cpuinfo_field("model name", cpuinfo) or platform.machine()
+    flags = read_cpu_flags(cpuinfo)
+    extras = [flag for flag in ("avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{name} ({', '.join(extras) or 'no AVX-512'})"
 
 
 def choose_dtype(requested: str, cpu_flags: Iterable[str], cuda: bool) -> tuple[str, str]:

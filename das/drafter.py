@@ -456,10 +456,13 @@ class DASDrafter:
         requests = [self._request(rid) for rid in request_ids]
         cost = self.cost.model if isinstance(self.cost, OnlineCostFitter) else self.cost
         shape = None
-        # Timed from here: what a gated batch would not have spent.
-        lookup_started = self._clock() if self.lookup_gate.measures else 0.0
+        # Only a budget policy with a cost model consults the gate, so only its lookups are
+        # timed, from here: what a gated batch would not have spent.
+        gated = self.policy is not None and cost is not None
+        timed = gated and self.lookup_gate.measures
+        lookup_started = self._clock() if timed else 0.0
         if self.policy is not None and rows:
-            if cost is not None and not self.lookup_gate.should_look_up(rows):
+            if gated and not self.lookup_gate.should_look_up(rows):
                 # Recent lookups of batches this size saved less than the lookups took.
                 self.stats.num_gated_batches += 1
                 return _empty_proposal(rows, k)
@@ -506,7 +509,7 @@ class DASDrafter:
             budgets = np.minimum(budgets, caps)
         np.minimum(drafts.num_tokens, budgets, out=drafts.num_tokens)
         sources[drafts.num_tokens == 0] = -1
-        if shape is not None and cost is not None and self.lookup_gate.enabled:
+        if shape is not None and gated and self.lookup_gate.enabled:
             drafted = int(drafts.num_tokens.sum())
             reads = float(shape.context_tokens.sum())
             plain_s, drafted_s = cost.step_times(
@@ -522,7 +525,7 @@ class DASDrafter:
             request.pending_probs = drafts.probs[i, :num].copy()
             request.pending_cumulative = predicted[i, :num].copy()
         self._count(requests, drafts, sources)
-        if self.lookup_gate.measures:
+        if timed:
             self.lookup_gate.record_lookup(rows, self._clock() - lookup_started)
         return Proposal(drafts, sources, budgets)
 

@@ -47,12 +47,13 @@ PARTS = (
 
 
 class TimedPolicy:
-    """Forwards to a budget policy, timing ``may_draft`` and ``batch_budgets``."""
+    """Forwards to a budget policy, timing its methods named in :data:`PARTS`."""
 
     def __init__(self, policy: Any, timed: Callable[[str, Callable], Callable]) -> None:
         self._policy = policy
-        self.may_draft = timed("policy bound", policy.may_draft)
-        self.batch_budgets = timed("policy budgets", policy.batch_budgets)
+        for where, name, label in PARTS:
+            if where == "policy":
+                setattr(self, name, timed(label, getattr(policy, name)))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._policy, name)
@@ -124,16 +125,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seconds, calls = time_parts(drafter)
         result = replay_step(keys[args.step - 1], steps[keys[args.step - 1]], drafter, cost)
         passes = calls["propose"]
+        per_pass = 1 / max(passes, 1)
         rows = int(result.shapes.num_requests.sum())
         report["methods"][method] = {
             "passes": passes,
-            "mean_decoding_requests": rows / max(passes, 1),
+            "mean_decoding_requests": rows * per_pass,
             "seconds": dict(seconds),
-            "us_per_pass": {label: s / max(passes, 1) * 1e6 for label, s in seconds.items()},
+            "us_per_pass": {label: s * per_pass * 1e6 for label, s in seconds.items()},
         }
-        logger.info("%s: %d passes, %.1f requests per pass", method, passes, rows / max(passes, 1))
+        logger.info("%s: %d passes, %.1f requests per pass", method, passes, rows * per_pass)
         for label, value in sorted(seconds.items(), key=lambda item: -item[1]):
-            logger.info("  %-26s %7.3f s %8.1f us/pass", label, value, value / passes * 1e6)
+            logger.info("  %-26s %7.3f s %8.1f us/pass", label, value, value * per_pass * 1e6)
     if args.json:
         write_json_atomically(report, args.json)
         logger.info("wrote %s", args.json)

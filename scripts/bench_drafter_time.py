@@ -43,7 +43,13 @@ from rollouts.trace import group_by_step, read_trace
 
 logger = logging.getLogger("bench_drafter_time")
 
-METHODS = ("suffix_global", "das_cost_model", "das_cost_model_auto")
+# Each method: the drafting method it builds and the DAS config it overrides.
+DRAFTERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "suffix_global": ("suffix_global", {}),
+    "das_cost_model": ("das_cost_model", {}),
+    "das_cost_model_auto": ("das_cost_model", {"lookup_us_per_request": "auto"}),
+}
+METHODS = tuple(DRAFTERS)
 
 
 class TimedDrafter:
@@ -124,11 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = policy_cost_model(cost)
     drafters = {
         method: TimedDrafter(methods.build_drafter(name, plan, args.k, **options))
-        for method, (name, options) in {
-            "suffix_global": ("suffix_global", {}),
-            "das_cost_model": ("das_cost_model", {}),
-            "das_cost_model_auto": ("das_cost_model", {"lookup_us_per_request": "auto"}),
-        }.items()
+        for method, (name, options) in DRAFTERS.items()
     }
     none: list[StepResult] = []
     results: dict[str, list[StepResult]] = {m: [] for m in METHODS}

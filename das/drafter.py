@@ -68,13 +68,31 @@ class _Request:
     live_slot: int
     prompt_root: int
     num_generated: int = 0
-    # The last draft proposed and not yet resolved by extend: tokens, source, expected accepted.
-    pending_tokens: np.ndarray | None = None
-    pending_source: int = -1
-    pending_bucket: int = 0
-    pending_probs: np.ndarray | None = None  # raw conditional probabilities of the draft
-    # Its cumulative acceptance as the (source, bucket) factors predicted it, per position.
-    pending_cumulative: np.ndarray | None = None
+    # The last draft proposed and not yet resolved by extend: row pending_row of pending.
+    pending: _Proposed | None = None
+    pending_row: int = 0
+
+    @property
+    def pending_cumulative(self) -> np.ndarray | None:
+        """The pending draft's cumulative acceptance, per position, as the (source, bucket)
+        factors predicted it (None: no draft pending)."""
+        if self.pending is None:
+            return None
+        num = self.pending.drafts.num_tokens[self.pending_row]
+        return self.pending.predicted[self.pending_row, :num]
+
+
+@dataclass(frozen=True, slots=True)
+class _Proposed:
+    """What one ``propose`` call drafted, kept until ``extend`` scores it. Row i: request i of
+    the batch; every array has ``num_speculative_tokens`` columns. Copies of what the call's
+    :class:`Proposal` holds: the caller may write those (the engine's fault injection does)."""
+
+    drafts: DraftBatch  # num_tokens already cut to the budgets
+    sources: np.ndarray  # int8 [rows]: index into SOURCES
+    buckets: np.ndarray  # int64 [rows]: match-length bucket
+    # Cumulative acceptance as the (source, bucket) factors predicted it, per position.
+    predicted: np.ndarray  # float64 [rows, K]
 
 
 NUM_MATCH_BUCKETS = 5  # match lengths 1, 2-3, 4-7, 8-15, 16+
@@ -149,19 +167,34 @@ class DrafterStats:
 
     def count(self, step: int, prompt_key: str, length_class: str, **amounts: int) -> None:
         """Add ``amounts`` (drafts, draft_tokens, accepted) to the class, step and prompt."""
+        self.count_rows(step, [prompt_key], [length_class], **{n: [a] for n, a in amounts.items()})
+
+    def count_rows(
+        self,
+        step: int,
+        prompt_keys: Sequence[str],
+        length_classes: Sequence[str],
+        **amounts: Sequence[int] | np.ndarray,
+    ) -> None:
+        """:meth:`count` for many rows at once: row i adds ``amounts[name][i]`` to the counts
+        of ``prompt_keys[i]``, ``length_classes[i]`` and the step."""
         per_class = {
             "drafts": self.drafts_by_class,
             "draft_tokens": self.draft_tokens_by_class,
             "accepted": self.accepted_by_class,
         }
-        for table in (
-            self.by_step.setdefault(step, _counts()),
-            self.by_prompt.setdefault(prompt_key, _counts()),
-        ):
-            for name, amount in amounts.items():
-                table[name] += amount
-        for name, amount in amounts.items():
-            per_class[name][length_class] += amount
+        step_counts = self.by_step.setdefault(step, _counts())
+        by_prompt = self.by_prompt
+        for name, values in amounts.items():
+            column = values.tolist() if isinstance(values, np.ndarray) else list(values)
+            step_counts[name] += sum(column)
+            class_counts = per_class[name]
+            for key, length_class, amount in zip(prompt_keys, length_classes, column, strict=True):
+                counts = by_prompt.get(key)
+                if counts is None:
+                    counts = by_prompt[key] = _counts()
+                counts[name] += amount
+                class_counts[length_class] += amount
 
 
 def _counts() -> dict[str, int]:
@@ -281,64 +314,85 @@ class DASDrafter:
         """:meth:`extend_request` for many requests in one kernel call."""
         if len(request_ids) != len(tokens):
             raise ValueError(f"{len(request_ids)} request ids but {len(tokens)} token lists")
-        arrays = [to_token_array(t, "tokens") for t in tokens]
+        arrays = [t if _is_token_vector(t) else to_token_array(t, "tokens") for t in tokens]
+        # Every token checked at once (negative ids, ids beyond int32) before anything is
+        # recorded; the kernels get int32.
+        joined = to_token_array(
+            np.concatenate(arrays) if arrays else np.zeros(0, np.int32), "tokens"
+        )
         requests = [self._request(rid) for rid in request_ids]
-        slots = []
-        chunks = []
         accepted = self._resolve_pending(requests, arrays)
         if self._gate_pending is not None:
             num_requests, plain_s, drafted_s = self._gate_pending
             self.lookup_gate.record(num_requests, accepted, plain_s, drafted_s)
             self._gate_pending = None
-        for request, array in zip(requests, arrays, strict=True):
-            request.num_generated += int(array.size)
-            slots.append(request.own_slot)
-            chunks.append(array)
-            if request.live_slot >= 0:
-                slots.append(request.live_slot)
-                chunks.append(array)
-        if not slots:
+        if not requests:
             return
-        offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
-        np.cumsum([c.size for c in chunks], out=offsets[1:])
-        self.forest.append_many(np.asarray(slots), np.concatenate(chunks), offsets)
+        sizes = np.fromiter((a.size for a in arrays), np.int64, len(arrays))
+        for request, size in zip(requests, sizes.tolist(), strict=True):
+            request.num_generated += size
+        slots = np.fromiter((r.own_slot for r in requests), np.int64, len(requests))
+        offsets = np.zeros(len(requests) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        if self.config.use_prompt_history:  # every request's live sequence grows too
+            live = np.fromiter((r.live_slot for r in requests), np.int64, len(requests))
+            slots = np.concatenate([slots, live])
+            offsets = np.concatenate([offsets, offsets[1:] + offsets[-1]])
+            joined = np.concatenate([joined, joined])
+        self.forest.append_many(slots, joined, offsets)
 
     def _resolve_pending(self, requests: list[_Request], produced: list[np.ndarray]) -> int:
         # Score each request's last draft against what the target produced: the accepted
         # prefix feeds the stats and the calibration of the draft's (source, bucket). Returns
         # the accepted draft tokens.
-        rows = [i for i, r in enumerate(requests) if r.pending_tokens is not None]
-        if not rows:
+        scored = [r for r in requests if r.pending is not None]
+        if not scored:
             return 0
         k = self.config.num_speculative_tokens
-        drafts = np.full((len(rows), k), -1, np.int64)
-        truth = np.full((len(rows), k), -2, np.int64)
-        for row, i in enumerate(rows):
-            draft = requests[i].pending_tokens
-            drafts[row, : draft.size] = draft
+        proposed = scored[0].pending
+        if all(r.pending is proposed for r in scored):  # the usual case: one propose call
+            index = np.fromiter((r.pending_row for r in scored), np.int64, len(scored))
+            drafts = proposed.drafts.rows(index)
+            sources = proposed.sources[index]
+            buckets = proposed.buckets[index]
+            predicted = proposed.predicted[index]
+        else:
+            drafts = DraftBatch(
+                *(
+                    np.stack([getattr(r.pending.drafts, name)[r.pending_row] for r in scored])
+                    for name in ("tokens", "probs", "num_tokens", "scores", "match_lens")
+                )
+            )
+            sources = np.array([r.pending.sources[r.pending_row] for r in scored])
+            buckets = np.array([r.pending.buckets[r.pending_row] for r in scored])
+            predicted = np.stack([r.pending.predicted[r.pending_row] for r in scored])
+        num = drafts.num_tokens
+        within = np.arange(k)[None, :] < num[:, None]
+        truth = np.full((len(scored), k), -2, np.int64)
+        for row, i in enumerate([i for i, r in enumerate(requests) if r.pending is not None]):
             n = min(k, produced[i].size)
             truth[row, :n] = produced[i][:n]
-        accepted = np.cumprod(drafts == truth, axis=1).sum(axis=1)
-        sources = np.array([requests[i].pending_source for i in rows])
-        buckets = np.array([requests[i].pending_bucket for i in rows])
+        accepted = np.cumprod(np.where(within, drafts.tokens, -1) == truth, axis=1).sum(axis=1)
         # Raw probability mass of the positions tried: the accepted ones and the first reject.
+        probs = drafts.probs
         expected = np.array(
-            [requests[i].pending_probs[: a + 1].sum() for i, a in zip(rows, accepted, strict=True)]
+            [
+                probs[row, : min(a + 1, n)].sum()
+                for row, (a, n) in enumerate(zip(accepted.tolist(), num.tolist(), strict=True))
+            ]
         )
         np.add.at(self.calibration.accepted, (sources, buckets), accepted)
         np.add.at(self.calibration.expected, (sources, buckets), expected)
-        self.reliability.record_many([requests[i].pending_cumulative for i in rows], accepted)
+        self.reliability.record_rows(predicted, num, accepted)
         self.stats.num_accepted_tokens += int(accepted.sum())
-        for i, num_accepted in zip(rows, accepted, strict=True):
-            request = requests[i]
-            self.stats.count(
-                self.step,
-                request.prompt_key,
-                self._length_class(request).value,
-                accepted=int(num_accepted),
-            )
-        for i in rows:
-            requests[i].pending_tokens = None
+        self.stats.count_rows(
+            self.step,
+            [r.prompt_key for r in scored],
+            self._class_values(scored),
+            accepted=accepted,
+        )
+        for request in scored:
+            request.pending = None
         return int(accepted.sum())
 
     def finish_request(
@@ -472,29 +526,21 @@ class DASDrafter:
                 self.stats.num_skipped_batches += 1
                 return _empty_proposal(rows, k)
         context_slots = np.fromiter((r.own_slot for r in requests), np.int64, rows)
-        roots_by_source = (
-            np.fromiter((r.prompt_root for r in requests), np.int64, rows),
-            np.full(rows, self.forest.tree_handle(GLOBAL_TREE), np.int64),
-            np.fromiter((r.own_root for r in requests), np.int64, rows),
-        )
-        batches: list[DraftBatch | None] = [None] * len(SOURCES)
-        for source in self._enabled_sources:
-            roots = roots_by_source[source]
-            batches[source] = self.forest.speculate_many(
-                roots,
-                context_slots,
-                caps,
-                min_token_prob=self.config.min_token_prob,
-                max_spec_factor=self.config.max_spec_factor,
-            )
+        looked_up = self._look_up(requests, context_slots, caps)
+        enabled = self._enabled_sources
+        # Row n * rows + i of the lookup: request i's draft from source enabled[n].
+        source_of_row = np.repeat(enabled, rows)
         factors = self.calibration.factors()
+        row_factors = factors[source_of_row, match_bucket(looked_up.match_lens)]
         scores = np.full((len(SOURCES), rows), -1.0)
-        for source in self._enabled_sources:
-            batch = batches[source]
-            row_factors = factors[source, match_bucket(batch.match_lens)]
-            scores[source] = self._calibrated(batch, row_factors).sum(axis=1)
+        scores[enabled] = self._calibrated(looked_up, row_factors).sum(axis=1).reshape(-1, rows)
+        batches: list[DraftBatch | None] = [None] * len(SOURCES)
+        for n, source in enumerate(enabled):
+            batches[source] = looked_up.rows(slice(n * rows, (n + 1) * rows))
         chosen = self._choose_sources(batches, scores)
-        drafts = _gather(batches, chosen, rows, k)
+        position = np.zeros(len(SOURCES), np.int64)
+        position[enabled] = np.arange(len(enabled))
+        drafts = looked_up.rows(position[chosen] * rows + np.arange(rows)).widened(k)
         buckets = match_bucket(drafts.match_lens)
         # Calibrated cumulative acceptance probabilities: what the policy decides from.
         predicted = self._calibrated(drafts, factors[chosen, buckets])
@@ -516,18 +562,46 @@ class DASDrafter:
                 [rows, rows + drafted], reads, [0, drafted], kv_tokens=reads
             ).tolist()
             self._gate_pending = (rows, plain_s, drafted_s)
-        for i in np.flatnonzero(sources >= 0):
+        kept = DraftBatch(
+            drafts.tokens.copy(),
+            drafts.probs.copy(),
+            drafts.num_tokens.copy(),
+            drafts.scores,
+            drafts.match_lens,
+        )
+        proposed = _Proposed(kept, sources.copy(), buckets, predicted)
+        for i in np.flatnonzero(sources >= 0).tolist():
             request = requests[i]
-            num = drafts.num_tokens[i]
-            request.pending_tokens = drafts.tokens[i, :num].copy()
-            request.pending_source = int(sources[i])
-            request.pending_bucket = int(buckets[i])
-            request.pending_probs = drafts.probs[i, :num].copy()
-            request.pending_cumulative = predicted[i, :num].copy()
+            request.pending = proposed
+            request.pending_row = i
         self._count(requests, drafts, sources)
         if timed:
             self.lookup_gate.record_lookup(rows, self._clock() - lookup_started)
         return Proposal(drafts, sources, budgets)
+
+    def _look_up(
+        self, requests: list[_Request], context_slots: np.ndarray, caps: np.ndarray
+    ) -> DraftBatch:
+        """The drafts of ``requests`` from every enabled source's tree, in one lookup: row
+        ``n * len(requests) + i`` holds request i's draft from source ``_enabled_sources[n]``."""
+        rows = len(requests)
+        enabled = self._enabled_sources
+        roots = np.empty(len(enabled) * rows, np.int64)
+        for n, source in enumerate(enabled):
+            part = roots[n * rows : (n + 1) * rows]
+            if SOURCES[source] == "global":
+                part[:] = self.forest.tree_handle(GLOBAL_TREE)
+            elif SOURCES[source] == "prompt":
+                part[:] = [r.prompt_root for r in requests]
+            else:
+                part[:] = [r.own_root for r in requests]
+        return self.forest.speculate_many(
+            roots,
+            np.tile(context_slots, len(enabled)),
+            np.tile(caps, len(enabled)),
+            min_token_prob=self.config.min_token_prob,
+            max_spec_factor=self.config.max_spec_factor,
+        )
 
     def _choose_sources(self, batches: list[DraftBatch | None], scores: np.ndarray) -> np.ndarray:
         """Per row, the index in ``SOURCES`` of the draft to verify: the best calibrated score
@@ -560,40 +634,32 @@ class DASDrafter:
     def _count(self, requests: list[_Request], drafts: DraftBatch, sources: np.ndarray) -> None:
         self.stats.num_proposals += len(drafts)
         self.stats.num_draft_tokens += int(drafts.num_tokens.sum())
-        for i in np.flatnonzero(drafts.num_tokens > 0):
-            request = requests[i]
-            self.stats.count(
+        drafting = np.flatnonzero(drafts.num_tokens > 0)
+        if drafting.size:
+            counted = [requests[i] for i in drafting.tolist()]
+            self.stats.count_rows(
                 self.step,
-                request.prompt_key,
-                self._length_class(request).value,
-                drafts=1,
-                draft_tokens=int(drafts.num_tokens[i]),
+                [r.prompt_key for r in counted],
+                self._class_values(counted),
+                drafts=np.ones(drafting.size, np.int64),
+                draft_tokens=drafts.num_tokens[drafting],
             )
+        # Index 0 of the bincounts: rows without a draft (source -1).
+        wins = np.bincount(sources + 1, minlength=len(SOURCES) + 1).tolist()
+        tokens = np.bincount(sources + 1, drafts.num_tokens, len(SOURCES) + 1).tolist()
         for index, name in enumerate(SOURCES):
-            mask = sources == index
-            self.stats.wins_by_source[name] += int(mask.sum())
-            self.stats.tokens_by_source[name] += int(drafts.num_tokens[mask].sum())
+            self.stats.wins_by_source[name] += wins[index + 1]
+            self.stats.tokens_by_source[name] += int(tokens[index + 1])
+
+    def _class_values(self, requests: list[_Request]) -> list[str]:
+        """The length class (its value) of each request's prompt."""
+        unknown = self.length_classes.unknown_class
+        return [self._class_of.get(r.prompt_key, unknown).value for r in requests]
 
 
-def _gather(batches: list[DraftBatch | None], chosen: np.ndarray, rows: int, k: int) -> DraftBatch:
-    tokens = np.zeros((rows, k), np.int32)
-    probs = np.zeros((rows, k), np.float64)
-    num = np.zeros(rows, np.int64)
-    scores = np.zeros(rows, np.float64)
-    match = np.zeros(rows, np.int64)
-    for source, batch in enumerate(batches):
-        if batch is None:
-            continue
-        mask = chosen == source
-        if not mask.any():
-            continue
-        width = batch.tokens.shape[1]
-        tokens[mask, :width] = batch.tokens[mask]
-        probs[mask, :width] = batch.probs[mask]
-        num[mask] = batch.num_tokens[mask]
-        scores[mask] = batch.scores[mask]
-        match[mask] = batch.match_lens[mask]
-    return DraftBatch(tokens, probs, num, scores, match)
+def _is_token_vector(tokens: object) -> bool:
+    """Whether ``tokens`` is already a 1-D int32 or int64 array (checked with the others)."""
+    return type(tokens) is np.ndarray and tokens.ndim == 1 and tokens.dtype in (np.int32, np.int64)
 
 
 def _empty_proposal(rows: int, k: int) -> Proposal:

@@ -77,17 +77,25 @@ class ReliabilityCalibration:
     def record_many(
         self, predicted: Sequence[np.ndarray], num_accepted: Sequence[int] | np.ndarray
     ) -> None:
-        """Many verified drafts at once, each as in :meth:`record` (one pass over all their
-        positions: this runs for every drafting request of every engine step)."""
+        """Many verified drafts at once, each as in :meth:`record`."""
         lengths = np.fromiter((len(p) for p in predicted), np.int64, len(predicted))
-        if not lengths.sum():
+        matrix = np.zeros((len(predicted), int(lengths.max(initial=0))))
+        for row, values in enumerate(predicted):
+            matrix[row, : len(values)] = values
+        self.record_rows(matrix, lengths, np.asarray(num_accepted, np.int64))
+
+    def record_rows(
+        self, predicted: np.ndarray, num_tokens: np.ndarray, num_accepted: np.ndarray
+    ) -> None:
+        """Many verified drafts, as rows of a matrix: row i's draft is
+        ``predicted[i, :num_tokens[i]]`` (one pass over all their positions: this runs for
+        every drafting request of every engine step)."""
+        columns = np.arange(predicted.shape[1])[None, :]
+        within = columns < np.asarray(num_tokens)[:, None]
+        if not within.any():
             return
-        values = np.concatenate(predicted).astype(np.float64, copy=False)
-        # Each position's index within its own draft.
-        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        position = np.arange(values.size) - starts
-        accepted = position < np.repeat(np.asarray(num_accepted, np.int64), lengths)
-        bins = self.bins(values)
+        bins = self.bins(predicted[within])  # row-major: the drafts one after the other
+        accepted = (columns < np.asarray(num_accepted)[:, None])[within]
         self.tried += np.bincount(bins, minlength=NUM_BINS)
         self.accepted += np.bincount(bins[accepted], minlength=NUM_BINS)
         self._map = None

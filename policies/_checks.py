@@ -37,7 +37,8 @@ def as_float_vector(values: object, name: str, minimum: float | None = None) -> 
         raise ValueError(f"{name} must hold real numbers, got {values!r}") from error
     if array.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
-    if array.size and not np.all(np.isfinite(array)):
+    integers = isinstance(values, np.ndarray) and values.dtype.kind in "iub"
+    if array.size and not integers and not np.all(np.isfinite(array)):  # integers are finite
         bad = float(array[~np.isfinite(array)][0])
         raise ValueError(f"{name} holds a non-finite value {bad!r}")
     if minimum is not None and array.size and array.min() < minimum:

@@ -209,10 +209,15 @@ def _flatten_gains(
     if out_of_range.any():
         index = int(request[np.argmax(out_of_range)])
         raise ValueError(f"cumulative_probs[{index}]={arrays[index]!r} must lie in [0, 1]")
-    rising = (np.diff(probs) > 1e-12) & (request[1:] == request[:-1])
+    if isinstance(arrays, np.ndarray):  # rows of a matrix: compare within each row only
+        rising = (np.diff(arrays, axis=1) > 1e-12).any(axis=1)
+        first = int(np.argmax(rising))
+    else:
+        steps = (np.diff(probs) > 1e-12) & (request[1:] == request[:-1])
+        rising = steps.any()
+        first = int(request[np.argmax(steps)]) if rising else 0
     if rising.any():
-        index = int(request[np.argmax(rising)])
-        raise ValueError(f"cumulative_probs[{index}]={arrays[index]!r} must be non-increasing")
+        raise ValueError(f"cumulative_probs[{first}]={arrays[first]!r} must be non-increasing")
     return probs * weights[request], request
 
 
@@ -361,8 +366,11 @@ def drafting_can_pay(
     if num_requests == 0 or counts.max() == 0:
         return False
     weight = _check_weights(weights, num_requests)
-    gains = np.sort(np.repeat(weight, counts))[::-1]
-    produced = float(weight.sum()) + np.concatenate([[0.0], np.cumsum(gains)])
+    if weights is None:  # every gain is 1: the sums are exact counts
+        produced = float(num_requests) + np.arange(counts.sum() + 1, dtype=np.float64)
+    else:
+        gains = np.sort(np.repeat(weight, counts))[::-1]
+        produced = float(weight.sum()) + np.concatenate([[0.0], np.cumsum(gains)])
     if np.ndim(context_tokens) > 0:
         context = _per_request(context_tokens, "context_tokens", num_requests)
         cheapest = np.sort(np.repeat(context, counts))
@@ -370,7 +378,7 @@ def drafting_can_pay(
     else:
         attended = check_real(context_tokens, "context_tokens", minimum=0.0)
     kv = float(np.sum(context_tokens))  # each request's cache, read once (c_kv)
-    num_drafts = np.arange(gains.size + 1)
+    num_drafts = np.arange(produced.size)
     times = cost.step_times(num_requests + num_drafts, attended, num_drafts, kv_tokens=kv)
     if times.min() <= 0.0:
         return True  # optimal_budgets names the bad cost model

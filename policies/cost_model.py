@@ -110,15 +110,24 @@ class StepCostModel:
         ):
             if values.size and values.min() < 0:
                 raise ValueError(f"{name}={float(values.min()):g} must be >= 0")
-        return (
-            self.c_base
-            + self.c_tok * np.maximum(0.0, tokens - self.knee_tokens)
-            + self.c_ctx * context
-            + self.c_draft * drafts
-            + self.c_spec_request * spec_step_requests(tokens, drafts)
-            + self.c_kv * kv
-            + self.c_prefill * prefill
+        total = self.c_base + self.c_tok * np.maximum(0.0, tokens - self.knee_tokens)
+        # The terms in a fixed order, those with a zero coefficient left out: adding an exact
+        # 0 to a finite sum changes no bit, and the policy calls this at every engine step.
+        if self.c_ctx:
+            total = total + self.c_ctx * context
+        if self.c_draft:
+            total = total + self.c_draft * drafts
+        if self.c_spec_request:
+            total = total + self.c_spec_request * spec_step_requests(tokens, drafts)
+        if self.c_kv:
+            total = total + self.c_kv * kv
+        if self.c_prefill:
+            total = total + self.c_prefill * prefill
+        shape = np.broadcast_shapes(
+            tokens.shape, context.shape, drafts.shape, kv.shape, prefill.shape
         )
+        # The shape of the sum of every term (a left-out term may be the only array).
+        return total if np.shape(total) == shape else np.broadcast_to(total, shape).copy()
 
     def times(self, shapes: StepShapes) -> np.ndarray:
         """Seconds of each step in ``shapes`` (the cost-model interface replays price with)."""

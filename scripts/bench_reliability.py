@@ -70,16 +70,19 @@ def log_policy_inputs(drafter: DASDrafter, log: OutcomeLog) -> None:
     verified, before the batch's outcomes enter it (one engine step after the proposal).
     """
     reliability = drafter.reliability
-    record_many = reliability.record_many
+    record_rows = reliability.record_rows
     mapped = drafter.config.reliability_calibration
 
-    def record_with_log(predicted: list[np.ndarray], num_accepted: np.ndarray) -> None:
-        for draft, accepted in zip(predicted, num_accepted, strict=True):
+    def record_with_log(
+        predicted: np.ndarray, num_tokens: np.ndarray, num_accepted: np.ndarray
+    ) -> None:
+        for row, draft in enumerate(predicted):
+            draft = draft[: num_tokens[row]]
             shown = reliability.apply(draft[None, :])[0] if mapped else draft
-            log.add(shown, int(accepted))
-        record_many(predicted, num_accepted)
+            log.add(shown, int(num_accepted[row]))
+        record_rows(predicted, num_tokens, num_accepted)
 
-    reliability.record_many = record_with_log  # type: ignore[method-assign]
+    reliability.record_rows = record_with_log  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> None:

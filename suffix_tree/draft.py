@@ -59,6 +59,26 @@ class DraftBatch:
             int(self.match_lens[i]),
         )
 
+    def rows(self, index: slice | np.ndarray) -> DraftBatch:
+        """The drafts of the rows ``index`` selects (views for a slice, copies otherwise)."""
+        return DraftBatch(
+            self.tokens[index],
+            self.probs[index],
+            self.num_tokens[index],
+            self.scores[index],
+            self.match_lens[index],
+        )
+
+    def widened(self, width: int) -> DraftBatch:
+        """The same drafts in arrays of at least ``width`` columns (zeros past the old ones)."""
+        if self.tokens.shape[1] >= width:
+            return self
+        tokens = np.zeros((len(self), width), self.tokens.dtype)
+        probs = np.zeros((len(self), width), self.probs.dtype)
+        tokens[:, : self.tokens.shape[1]] = self.tokens
+        probs[:, : self.probs.shape[1]] = self.probs
+        return DraftBatch(tokens, probs, self.num_tokens, self.scores, self.match_lens)
+
     def masked_probs(self) -> np.ndarray:
         """[rows, max_tokens] per-token probabilities, 0 past each row's draft (the arrays may
         hold stale values there: a kernel writes only a row's first ``num_tokens``)."""

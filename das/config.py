@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,10 @@ WINDOW_RULES = ("appearances", "steps")  # as rollouts.history.WINDOW_RULES
 HISTORY_BYTES_PER_TOKEN = 224
 # lookup_us_per_request's value for "the drafter measures its own lookups".
 LOOKUP_MEASURED = "auto"
+# lookup_threads's value for "a quarter of the cores this process may run on, at most
+# MAX_AUTO_LOOKUP_THREADS": an engine host runs other workers and the engine's own threads.
+LOOKUP_THREADS_AUTO = "auto"
+MAX_AUTO_LOOKUP_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,10 @@ class DASConfig:
             price (``scripts/bench_drafter_time.py`` measures it); 0: lookups are taken as
             free and never skipped. Replays (``das.methods.build_drafter``) take 0 unless told,
             so that their modelled times do not depend on the machine's clock.
+        lookup_threads: threads that look a large batch's drafts up together (chunks of at
+            least ``suffix_tree.forest.MIN_ROWS_PER_THREAD`` lookups each); the drafts are the
+            same whatever the number. ``"auto"`` (the default): a quarter of the cores this
+            process may run on, at most ``MAX_AUTO_LOOKUP_THREADS`` (1 on a 2-core machine).
     """
 
     num_speculative_tokens: int = 16
@@ -89,6 +98,7 @@ class DASConfig:
     reliability_calibration: bool = False
     max_draft_batch: int | None = None
     lookup_us_per_request: float | str = LOOKUP_MEASURED
+    lookup_threads: int | str = LOOKUP_THREADS_AUTO
 
     def __post_init__(self) -> None:
         for name in (
@@ -117,6 +127,13 @@ class DASConfig:
             raise ValueError(
                 f"lookup_us_per_request={lookup!r} must be {LOOKUP_MEASURED!r} or a number >= 0"
             )
+        threads = self.lookup_threads
+        if threads != LOOKUP_THREADS_AUTO and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0
+        ):
+            raise ValueError(
+                f"lookup_threads={threads!r} must be {LOOKUP_THREADS_AUTO!r} or a positive integer"
+            )
         if not float(self.max_spec_factor) > 0:
             raise ValueError(f"max_spec_factor={self.max_spec_factor!r} must be > 0")
         if self.policy not in POLICIES:
@@ -142,6 +159,14 @@ class DASConfig:
         if self.lookup_us_per_request == LOOKUP_MEASURED:
             return None
         return float(self.lookup_us_per_request) * 1e-6
+
+    @property
+    def num_lookup_threads(self) -> int:
+        """``lookup_threads`` as a number of threads (``"auto"`` resolved on this machine)."""
+        if self.lookup_threads != LOOKUP_THREADS_AUTO:
+            return int(self.lookup_threads)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(MAX_AUTO_LOOKUP_THREADS, (cores or 1) // 4))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

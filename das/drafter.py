@@ -245,6 +245,7 @@ class DASDrafter:
         self.calibration = AcceptanceCalibration(len(SOURCES))
         self.reliability = ReliabilityCalibration()
         self.lookup_gate = LookupGate(self.config.lookup_s_per_request)
+        self._lookup_threads = self.config.num_lookup_threads
         # (requests, plain step s, step s with the verified drafts) of the last looked-up
         # batch, until its outcome reaches the gate.
         self._gate_pending: tuple[int, float, float] | None = None
@@ -601,6 +602,7 @@ class DASDrafter:
             np.tile(caps, len(enabled)),
             min_token_prob=self.config.min_token_prob,
             max_spec_factor=self.config.max_spec_factor,
+            threads=self._lookup_threads,
         )
 
     def _choose_sources(self, batches: list[DraftBatch | None], scores: np.ndarray) -> np.ndarray:

@@ -3,10 +3,12 @@
 A speculative engine asks its proposer for drafts between one step's sampling and the next
 step's launch: the drafter's time is in series with the GPU's. The replay's modelled times
 price the forward passes only. This replays a trace with the vLLM-suffix-like global tree (A),
-DAS's cost-model policy with lookups taken as free (B, as every other replay runs it), and the
+DAS's cost-model policy with lookups taken as free (B, as every other replay runs it), the
 same policy timing its own lookups as a live engine's drafter does (C:
 ``lookup_us_per_request="auto"``, whose gate skips the lookups of batch sizes that saved less
-than they took), one step of each in turn (the order rotated every step). It times the
+than they took), and C with its lookups in one thread (D: ``lookup_threads=1``), one step of
+each in turn (the order rotated every step). A, B and C look large batches up in
+``--lookup-threads`` threads (default: the config's ``auto`` for this machine). It times the
 drafter's calls of every pass (``propose`` and ``extend_many``, start and finish of requests),
 and reports by band of decoding requests:
 
@@ -15,8 +17,9 @@ and reports by band of decoding requests:
 * steps 2..: each method's modelled time with and without its drafter time added in series,
   against no speculation.
 
-The drafter's time is this machine's CPU time (name it with every figure); a GPU host's CPU
-is usually faster. Writes JSON and, with ``--plot``, drafter time per pass against batch size.
+The drafter's time is this machine's CPU time (name it with every figure); an H100 host's CPU
+measured no faster than a 2-core VM's (docs/long-tail.md). Writes JSON and, with ``--plot``,
+drafter time per pass against batch size.
 
     python scripts/bench_drafter_time.py --trace TRACE --json benchmarks/results/drafter_time.json
 """
@@ -36,6 +39,7 @@ import numpy as np
 from das import methods
 from das.atomic_json import write_json_atomically
 from das.bench.batch_bands import band_labels, band_of
+from das.config import LOOKUP_THREADS_AUTO, DASConfig
 from das.vllm.engine import cpu_description
 from policies.profiles import load_cost_model, policy_cost_model
 from rollouts.replay import StepResult, replay_step
@@ -48,6 +52,10 @@ DRAFTERS: dict[str, tuple[str, dict[str, Any]]] = {
     "suffix_global": ("suffix_global", {}),
     "das_cost_model": ("das_cost_model", {}),
     "das_cost_model_auto": ("das_cost_model", {"lookup_us_per_request": "auto"}),
+    "das_cost_model_auto_1_thread": (
+        "das_cost_model",
+        {"lookup_us_per_request": "auto", "lookup_threads": 1},
+    ),
 }
 METHODS = tuple(DRAFTERS)
 
@@ -118,6 +126,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--k", type=int, default=16, help="num_speculative_tokens")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--plot", type=Path, help="write drafter time per pass against batch size")
+    parser.add_argument(
+        "--lookup-threads",
+        default=LOOKUP_THREADS_AUTO,
+        help="lookup threads of A, B and C (default: auto, the config's rule for this machine)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.trace.is_file():
@@ -126,10 +139,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cost = load_cost_model(args.cost)
     except ValueError as error:
         parser.error(f"--cost {args.cost!r}: {error}")
+    threads = args.lookup_threads
+    try:
+        threads = DASConfig(lookup_threads=int(threads) if threads.isdigit() else threads)
+    except ValueError as error:
+        parser.error(f"--lookup-threads {args.lookup_threads!r}: {error}")
+    num_threads = threads.num_lookup_threads
     steps = group_by_step(read_trace(args.trace))
     plan = policy_cost_model(cost)
     drafters = {
-        method: TimedDrafter(methods.build_drafter(name, plan, args.k, **options))
+        method: TimedDrafter(
+            methods.build_drafter(name, plan, args.k, **{"lookup_threads": num_threads, **options})
+        )
         for method, (name, options) in DRAFTERS.items()
     }
     none: list[StepResult] = []
@@ -140,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for index, step in enumerate(sorted(steps)):
         records = steps[step]
         none.append(replay_step(step, records, None, cost))
-        order = METHODS[index % 3 :] + METHODS[: index % 3]  # rotated every step
+        shift = index % len(METHODS)
+        order = METHODS[shift:] + METHODS[:shift]  # rotated every step
         for method in order:
             timed = drafters[method]
             result = replay_step(step, records, timed, cost)
@@ -162,11 +184,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         # Named by the trace's file name only: no path of this machine in the report.
         "command": f"python scripts/bench_drafter_time.py --trace {args.trace.name} "
-        f"--cost {args.cost} --k {args.k}",
+        f"--cost {args.cost} --k {args.k} --lookup-threads {args.lookup_threads}",
         "trace": args.trace.name,
         "cpu": cpu_description(),
         "cost_model": args.cost,
         "num_speculative_tokens": args.k,
+        "lookup_threads": num_threads,  # of A, B and C (D: 1)
         # What C's gate measured, per power-of-two band of batch sizes (the median of recent
         # lookups).
         "auto_lookup_us_per_request": gate.measured_us_by_band(),
@@ -223,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row["drafter_us_per_request"],
                 row["step_ms_mean"],
             )
-    a, b, c = (report["methods"][m]["steps_2_on"]["drafter_s"] for m in METHODS)
+    a, b, c, d = (report["methods"][m]["steps_2_on"]["drafter_s"] for m in METHODS)
+    report["drafter_s_ratio_threads_over_one"] = c / d if d else None
     report["drafter_s_ratio_das_over_global"] = b / a if a else None
     logger.info("DAS's drafter time / the global tree's: %.2fx", b / a if a else float("nan"))
     logger.info(
@@ -233,6 +257,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         c / b if b else float("nan"),
         report["methods"][METHODS[2]]["steps_2_on"]["time_with_drafter_vs_none"],
         report["methods"][METHODS[1]]["steps_2_on"]["time_with_drafter_vs_none"],
+    )
+    logger.info(
+        "lookups in %d threads: C's drafter time %.2fx D's (one thread); with it in series "
+        "%.3fx none against %.3fx",
+        num_threads,
+        c / d if d else float("nan"),
+        report["methods"][METHODS[2]]["steps_2_on"]["time_with_drafter_vs_none"],
+        report["methods"][METHODS[3]]["steps_2_on"]["time_with_drafter_vs_none"],
     )
     if args.json:
         write_json_atomically(report, args.json)
@@ -265,7 +297,7 @@ def plot(passes: dict[str, dict[str, list]], path: Path, title: str) -> None:
     for method, data in passes.items():
         sizes, seconds = np.asarray(data["sizes"]), np.asarray(data["seconds"])
         ax.plot(*binned_medians(sizes, seconds * 1e3), marker="o", label=f"{method}: drafter")
-    data = passes[METHODS[-1]]
+    data = passes["das_cost_model_auto"]
     sizes, step_s = np.asarray(data["sizes"]), np.asarray(data["step_s"])
     ax.plot(*binned_medians(sizes, step_s * 1e3), "k--", label="modelled step (same passes)")
     ax.set_xscale("log")

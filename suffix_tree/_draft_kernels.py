@@ -279,7 +279,7 @@ def speculate_one(state, root, context, max_tokens, min_token_prob, max_spec_fac
     return cursor, cursor + num, match_len, score
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def speculate_rows(
     state,
     roots,
@@ -295,7 +295,12 @@ def speculate_rows(
 ):
     """Row i: :func:`_speculate` in the tree at ``roots[i]`` with the context taken from the last
     ``max_depth`` tokens of sequence slot ``context_slots[i]``. A negative root or a budget of 0
-    gives an empty draft. Precondition: the scratch buffers hold ``max(max_tokens)``."""
+    gives an empty draft. Precondition: the scratch buffers hold ``max(max_tokens)``.
+
+    Runs without the GIL, so that threads can look up disjoint rows at once, each with a record
+    of its own scratch buffers (``scratch_*``, ``walks``, ``walk_scores``): it writes only those,
+    its output rows and a node's stale best child (``_rescan_best_child``), which every thread
+    that rescans the node sets to the same value from the same counts."""
     seq_start = state.seq_start
     for i in range(roots.shape[0]):
         out_num[i] = 0

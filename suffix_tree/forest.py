@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Hashable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +32,10 @@ _NO_TOKENS = np.zeros(0, np.int32)
 _NO_TOKENS.flags.writeable = False
 _NO_PROBS = np.zeros(0, np.float64)
 _NO_PROBS.flags.writeable = False
+# speculate_many splits its rows among threads only in chunks of at least this many: handing
+# a chunk to a thread and back costs tens of microseconds, a lookup a few.
+MIN_ROWS_PER_THREAD = 32
+SCRATCH_FIELDS = ("scratch_tokens", "scratch_probs", "walks", "walk_scores")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +103,7 @@ class SuffixForest:
         self._walks = np.zeros((self.max_depth + 1, D.NUM_WALK_FIELDS), dtype=np.int64)
         self._walk_scores = np.zeros((self.max_depth + 1, D.NUM_SCORE_FIELDS), dtype=np.float64)
         self._state = self._build_state()
+        self._lookup_states: list[ForestState] = []  # see _thread_states
         warm_up_kernels()
         # The two per-call kernels, called without numba's argument typing (see entry_point).
         self._append_tokens = entry_point(K.append_tokens)
@@ -352,9 +359,14 @@ class SuffixForest:
         max_tokens: np.ndarray,
         min_token_prob: float = 0.1,
         max_spec_factor: float | None = None,
+        threads: int = 1,
     ) -> DraftBatch:
         """Row i: :meth:`speculate` in the tree ``roots[i]``, with the last ``max_depth`` tokens
-        of sequence ``context_slots[i]`` as context and ``max_tokens[i]`` (0 = no draft)."""
+        of sequence ``context_slots[i]`` as context and ``max_tokens[i]`` (0 = no draft).
+
+        ``threads`` > 1 splits the rows among that many threads (each at least
+        ``MIN_ROWS_PER_THREAD`` rows); the drafts are the same whatever the split."""
+        threads = check_positive_int(threads, "threads")
         roots = np.ascontiguousarray(roots, dtype=np.int64)
         context_slots = np.ascontiguousarray(context_slots, dtype=np.int64)
         max_tokens = np.ascontiguousarray(max_tokens, dtype=np.int64)
@@ -377,21 +389,63 @@ class SuffixForest:
             scores=np.zeros(rows, dtype=np.float64),
             match_lens=np.zeros(rows, dtype=np.int64),
         )
-        if rows:
-            D.speculate_rows(
-                self._state,
-                roots,
-                context_slots,
-                max_tokens,
+        parts = min(threads, rows // MIN_ROWS_PER_THREAD)
+        if parts <= 1:
+            if rows:
+                D.speculate_rows(
+                    self._state,
+                    roots,
+                    context_slots,
+                    max_tokens,
+                    min_token_prob,
+                    factor,
+                    *_outputs(batch, slice(None)),
+                )
+            return batch
+        states = self._thread_states(parts)
+        bounds = np.linspace(0, rows, parts + 1).astype(np.int64).tolist()
+        chunks = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
+        pending = [
+            _lookup_pool(parts - 1).submit(
+                D.speculate_rows,
+                state,
+                roots[chunk],
+                context_slots[chunk],
+                max_tokens[chunk],
                 min_token_prob,
                 factor,
-                batch.tokens,
-                batch.probs,
-                batch.num_tokens,
-                batch.scores,
-                batch.match_lens,
+                *_outputs(batch, chunk),
             )
+            for state, chunk in zip(states[1:], chunks[1:], strict=True)
+        ]
+        first = chunks[0]
+        D.speculate_rows(
+            states[0],
+            roots[first],
+            context_slots[first],
+            max_tokens[first],
+            min_token_prob,
+            factor,
+            *_outputs(batch, first),
+        )
+        for future in pending:
+            future.result()
         return batch
+
+    def _thread_states(self, count: int) -> list[ForestState]:
+        """``count`` kernel records of the current arrays, the first the forest's own, each
+        with scratch buffers of its own (for lookups in threads)."""
+        cached = self._lookup_states
+        if cached and cached[0] is self._state and len(cached) >= count:
+            return cached[:count]
+        states = [self._state]
+        for _ in range(1, count):
+            values = {name: getattr(self, "_" + name) for name in FIELDS[:-1]}
+            for name in SCRATCH_FIELDS:
+                values[name] = np.zeros_like(values[name])
+            states.append(ForestState(*values.values(), self.max_depth))
+        self._lookup_states = states
+        return states
 
     # ------------------------------------------------------------------------ debugging
     def check_integrity(self) -> None:
@@ -567,6 +621,34 @@ class SuffixForest:
         self._draft_probs = np.zeros(size, dtype=np.float64)
         self._meta[K.M_DRAFT_CURSOR] = 0
         self._state = self._build_state()
+
+
+def _outputs(batch: DraftBatch, rows: slice) -> tuple[np.ndarray, ...]:
+    """The output arrays of ``speculate_rows`` for ``rows`` of ``batch`` (views)."""
+    return (
+        batch.tokens[rows],
+        batch.probs[rows],
+        batch.num_tokens[rows],
+        batch.scores[rows],
+        batch.match_lens[rows],
+    )
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_owner = (0, 0)  # (process id, workers) of _pool
+
+
+def _lookup_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's lookup threads, at least ``workers`` of them. A forked child (whose copy
+    of the pool has no threads) gets a pool of its own."""
+    global _pool, _pool_owner
+    pid = os.getpid()
+    if _pool is None or _pool_owner[0] != pid or _pool_owner[1] < workers:
+        if _pool is not None and _pool_owner[0] == pid:
+            _pool.shutdown(wait=False)  # its threads end once idle; the new pool has more
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="das-lookup")
+        _pool_owner = (pid, workers)
+    return _pool
 
 
 def _pow2_at_least(n: int) -> int:

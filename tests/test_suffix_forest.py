@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from suffix_tree import SuffixForest, SuffixTree, _draft_kernels, _kernels, _state
+from suffix_tree import forest as forest_module
 
 
 @pytest.fixture
@@ -216,3 +217,26 @@ def test_churn_compacts_the_token_pool_and_keeps_contents():
         assert forest.sequence_tokens(i).tolist() == tokens.tolist()
     # 40,000 tokens went through; without compaction the pool would hold room for all of them.
     assert forest.memory().tokens < 200 * 200 * 4 // 8
+
+
+def test_lookups_split_among_threads_give_the_drafts_of_one_thread():
+    # Rows enough for 4 chunks of MIN_ROWS_PER_THREAD and more; long repeated text, so that
+    # every lookup walks many match lengths in its thread's scratch buffers at once.
+    rng = np.random.default_rng(11)
+    forest = SuffixForest(max_depth=12)
+    motifs = rng.integers(0, 50, size=(6, 40))
+    for seq in range(64):
+        parts = [motifs[m] for m in rng.integers(0, 6, size=8)]
+        forest.append(seq, np.concatenate(parts), tree=seq % 4)
+    rows = 8 * forest_module.MIN_ROWS_PER_THREAD
+    slots = np.array([forest.sequence_handle(int(s)) for s in rng.integers(0, 64, size=rows)])
+    roots = np.array([forest.tree_handle(int(t)) for t in rng.integers(0, 4, size=rows)])
+    budgets = rng.integers(0, 17, size=rows)
+    one = forest.speculate_many(roots, slots, budgets, min_token_prob=0.0)
+    assert (one.num_tokens > 4).sum() > rows // 2  # the lookups do real work
+    for _ in range(20):
+        split = forest.speculate_many(roots, slots, budgets, min_token_prob=0.0, threads=4)
+        for name in ("tokens", "probs", "num_tokens", "scores", "match_lens"):
+            np.testing.assert_array_equal(getattr(split, name), getattr(one, name), err_msg=name)
+    with pytest.raises(ValueError, match="threads=0"):
+        forest.speculate_many(roots, slots, budgets, threads=0)

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["methods"][METHODS[1]]["steps_2_on"]["time_with_drafter_vs_none"],
     )
     logger.info(
-        "lookups in %d threads: C's drafter time %.2fx D's (one thread); with it in series "
+        "lookups in %d thread(s): C's drafter time %.2fx D's (one thread); with it in series "
         "%.3fx none against %.3fx",
         num_threads,
         c / d if d else float("nan"),

@@ -240,3 +240,33 @@ def test_lookups_split_among_threads_give_the_drafts_of_one_thread():
             np.testing.assert_array_equal(getattr(split, name), getattr(one, name), err_msg=name)
     with pytest.raises(ValueError, match="threads=0"):
         forest.speculate_many(roots, slots, budgets, threads=0)
+
+
+def _split_lookup_matches_one_thread(forest, roots, slots, budgets) -> bool:
+    one = forest.speculate_many(roots, slots, budgets, min_token_prob=0.0)
+    split = forest.speculate_many(roots, slots, budgets, min_token_prob=0.0, threads=2)
+    return bool(np.array_equal(one.tokens, split.tokens))
+
+
+def test_a_forked_child_gets_lookup_threads_of_its_own():
+    import multiprocessing
+
+    forest = SuffixForest(max_depth=8)
+    for seq in range(8):
+        forest.append(seq, np.arange(seq, seq + 200) % 37, tree=0)
+    rows = 4 * forest_module.MIN_ROWS_PER_THREAD
+    slots = np.array([forest.sequence_handle(i % 8) for i in range(rows)])
+    roots = np.full(rows, forest.tree_handle(0))
+    budgets = np.full(rows, 8)
+    assert _split_lookup_matches_one_thread(forest, roots, slots, budgets)  # the parent's pool
+    child = multiprocessing.get_context("fork").Process(
+        target=lambda: os._exit(
+            0 if _split_lookup_matches_one_thread(forest, roots, slots, budgets) else 1
+        )
+    )
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():  # waiting on the parent's threads, which a forked child lacks
+        child.kill()
+        pytest.fail("the forked child's split lookup hung")
+    assert child.exitcode == 0

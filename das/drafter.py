@@ -346,9 +346,10 @@ class DASDrafter:
         # Score each request's last draft against what the target produced: the accepted
         # prefix feeds the stats and the calibration of the draft's (source, bucket). Returns
         # the accepted draft tokens.
-        scored = [r for r in requests if r.pending is not None]
-        if not scored:
+        rows = [i for i, r in enumerate(requests) if r.pending is not None]
+        if not rows:
             return 0
+        scored = [requests[i] for i in rows]
         k = self.config.num_speculative_tokens
         proposed = scored[0].pending
         if all(r.pending is proposed for r in scored):  # the usual case: one propose call
@@ -358,19 +359,15 @@ class DASDrafter:
             buckets = proposed.buckets[index]
             predicted = proposed.predicted[index]
         else:
-            drafts = DraftBatch(
-                *(
-                    np.stack([getattr(r.pending.drafts, name)[r.pending_row] for r in scored])
-                    for name in ("tokens", "probs", "num_tokens", "scores", "match_lens")
-                )
-            )
+            per_request = (r.pending.drafts.rows(r.pending_row).arrays() for r in scored)
+            drafts = DraftBatch(*(np.stack(column) for column in zip(*per_request, strict=True)))
             sources = np.array([r.pending.sources[r.pending_row] for r in scored])
             buckets = np.array([r.pending.buckets[r.pending_row] for r in scored])
             predicted = np.stack([r.pending.predicted[r.pending_row] for r in scored])
         num = drafts.num_tokens
         within = np.arange(k)[None, :] < num[:, None]
         truth = np.full((len(scored), k), -2, np.int64)
-        for row, i in enumerate([i for i, r in enumerate(requests) if r.pending is not None]):
+        for row, i in enumerate(rows):
             n = min(k, produced[i].size)
             truth[row, :n] = produced[i][:n]
         accepted = np.cumprod(np.where(within, drafts.tokens, -1) == truth, axis=1).sum(axis=1)
@@ -655,8 +652,7 @@ class DASDrafter:
 
     def _class_values(self, requests: list[_Request]) -> list[str]:
         """The length class (its value) of each request's prompt."""
-        unknown = self.length_classes.unknown_class
-        return [self._class_of.get(r.prompt_key, unknown).value for r in requests]
+        return [self._length_class(r).value for r in requests]
 
 
 def _is_token_vector(tokens: object) -> bool:

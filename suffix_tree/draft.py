@@ -69,6 +69,10 @@ class DraftBatch:
             self.match_lens[index],
         )
 
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The five arrays in field order (the order of ``speculate_rows``'s outputs)."""
+        return (self.tokens, self.probs, self.num_tokens, self.scores, self.match_lens)
+
     def widened(self, width: int) -> DraftBatch:
         """The same drafts in arrays of at least ``width`` columns (zeros past the old ones)."""
         if self.tokens.shape[1] >= width:

@@ -389,22 +389,17 @@ class SuffixForest:
             scores=np.zeros(rows, dtype=np.float64),
             match_lens=np.zeros(rows, dtype=np.int64),
         )
-        parts = min(threads, rows // MIN_ROWS_PER_THREAD)
-        if parts <= 1:
-            if rows:
-                D.speculate_rows(
-                    self._state,
-                    roots,
-                    context_slots,
-                    max_tokens,
-                    min_token_prob,
-                    factor,
-                    *_outputs(batch, slice(None)),
-                )
+        if not rows:
             return batch
-        states = self._thread_states(parts)
+        parts = max(1, min(threads, rows // MIN_ROWS_PER_THREAD))
         bounds = np.linspace(0, rows, parts + 1).astype(np.int64).tolist()
-        chunks = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
+        calls = [
+            (state, slice(lo, hi))
+            for state, (lo, hi) in zip(
+                self._thread_states(parts), itertools.pairwise(bounds), strict=True
+            )
+        ]
+        # The first chunk runs here, the others in the pool's threads (none with one part).
         pending = [
             _lookup_pool(parts - 1).submit(
                 D.speculate_rows,
@@ -414,19 +409,19 @@ class SuffixForest:
                 max_tokens[chunk],
                 min_token_prob,
                 factor,
-                *_outputs(batch, chunk),
+                *batch.rows(chunk).arrays(),
             )
-            for state, chunk in zip(states[1:], chunks[1:], strict=True)
+            for state, chunk in calls[1:]
         ]
-        first = chunks[0]
+        state, chunk = calls[0]
         D.speculate_rows(
-            states[0],
-            roots[first],
-            context_slots[first],
-            max_tokens[first],
+            state,
+            roots[chunk],
+            context_slots[chunk],
+            max_tokens[chunk],
             min_token_prob,
             factor,
-            *_outputs(batch, first),
+            *batch.rows(chunk).arrays(),
         )
         for future in pending:
             future.result()
@@ -435,6 +430,8 @@ class SuffixForest:
     def _thread_states(self, count: int) -> list[ForestState]:
         """``count`` kernel records of the current arrays, the first the forest's own, each
         with scratch buffers of its own (for lookups in threads)."""
+        if count == 1:
+            return [self._state]
         cached = self._lookup_states
         if cached and cached[0] is self._state and len(cached) >= count:
             return cached[:count]
@@ -621,17 +618,6 @@ class SuffixForest:
         self._draft_probs = np.zeros(size, dtype=np.float64)
         self._meta[K.M_DRAFT_CURSOR] = 0
         self._state = self._build_state()
-
-
-def _outputs(batch: DraftBatch, rows: slice) -> tuple[np.ndarray, ...]:
-    """The output arrays of ``speculate_rows`` for ``rows`` of ``batch`` (views)."""
-    return (
-        batch.tokens[rows],
-        batch.probs[rows],
-        batch.num_tokens[rows],
-        batch.scores[rows],
-        batch.match_lens[rows],
-    )
 
 
 _pool: ThreadPoolExecutor | None = None

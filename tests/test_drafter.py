@@ -320,3 +320,37 @@ def test_integrity_check_finds_a_sequence_no_request_or_history_holds():
     drafter.forest.append(("stray", 0), np.asarray(RESPONSE, np.int32), tree="stray")
     with pytest.raises(AssertionError, match="forest holds"):
         drafter.check_integrity()
+
+
+def test_drafts_of_two_propose_calls_are_scored_as_those_of_one():
+    """Request a's draft comes from one propose call (its second row) and b's from a later one
+    (also its second row; c's draft of the first call is replaced in the second); one extend
+    then scores them exactly as if one call had drafted all three together."""
+    at = {"a": 5, "b": 15, "c": 10}  # tokens generated so far: each drafts other tokens
+
+    def scored(calls: list[list[str]]) -> DASDrafter:
+        drafter = DASDrafter(prompt_only(num_speculative_tokens=4))
+        drafter.begin_step(1)
+        run_request(drafter, "r1", PROMPT_A, RESPONSE)
+        drafter.begin_step(2)
+        for rid, n in at.items():
+            drafter.start_request(rid, PROMPT_A)
+            drafter.extend_request(rid, RESPONSE[:n])
+        for batch in calls:
+            drafts = drafter.propose(batch).draft_tokens()
+            assert drafts == [RESPONSE[at[rid] : at[rid] + 4] for rid in batch]
+        # a's draft is accepted for 3 tokens, b's and c's for all 4.
+        produced = {rid: RESPONSE[n : n + 5] for rid, n in at.items()}
+        produced["a"] = [*RESPONSE[5:8], 99]
+        drafter.extend_many(list(produced), list(produced.values()))
+        return drafter
+
+    apart, together = scored([["c", "a"], ["c", "b"]]), scored([["a", "b", "c"]])
+    assert apart.stats.num_accepted_tokens == together.stats.num_accepted_tokens == 11
+    # (c's replaced draft counts as one more draft; only its second is scored.)
+    assert [c["accepted"] for c in apart.stats.by_prompt.values()] == [11]
+    assert [c["drafts"] for c in apart.stats.by_prompt.values()] == [4]
+    np.testing.assert_array_equal(apart.calibration.accepted, together.calibration.accepted)
+    np.testing.assert_array_equal(apart.calibration.expected, together.calibration.expected)
+    np.testing.assert_array_equal(apart.reliability.tried, together.reliability.tried)
+    np.testing.assert_array_equal(apart.reliability.accepted, together.reliability.accepted)

@@ -393,36 +393,24 @@ class SuffixForest:
             return batch
         parts = max(1, min(threads, rows // MIN_ROWS_PER_THREAD))
         bounds = np.linspace(0, rows, parts + 1).astype(np.int64).tolist()
+        # One argument list of speculate_rows per chunk, each with its own scratch record.
         calls = [
-            (state, slice(lo, hi))
+            (
+                state,
+                roots[lo:hi],
+                context_slots[lo:hi],
+                max_tokens[lo:hi],
+                min_token_prob,
+                factor,
+                *batch.rows(slice(lo, hi)).arrays(),
+            )
             for state, (lo, hi) in zip(
                 self._thread_states(parts), itertools.pairwise(bounds), strict=True
             )
         ]
         # The first chunk runs here, the others in the pool's threads (none with one part).
-        pending = [
-            _lookup_pool(parts - 1).submit(
-                D.speculate_rows,
-                state,
-                roots[chunk],
-                context_slots[chunk],
-                max_tokens[chunk],
-                min_token_prob,
-                factor,
-                *batch.rows(chunk).arrays(),
-            )
-            for state, chunk in calls[1:]
-        ]
-        state, chunk = calls[0]
-        D.speculate_rows(
-            state,
-            roots[chunk],
-            context_slots[chunk],
-            max_tokens[chunk],
-            min_token_prob,
-            factor,
-            *batch.rows(chunk).arrays(),
-        )
+        pending = [_lookup_pool(parts - 1).submit(D.speculate_rows, *call) for call in calls[1:]]
+        D.speculate_rows(*calls[0])
         for future in pending:
             future.result()
         return batch

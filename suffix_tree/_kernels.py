@@ -390,6 +390,31 @@ def remove_sequence(state, seq):
 
 
 @njit(cache=True)
+def free_tree(state, root):
+    """Free every node and edge of the tree at ``root``, the root included.
+
+    For a tree none of whose sequences outlives it: no count is decremented, no child list
+    unlinked. It walks the tree once, O(nodes), where removing each sequence walks every
+    suffix of it. A node taken off the work list has had its edge deleted; the work list is
+    threaded through the ``F_REF_POS`` of the nodes on it (they are freed, so the field is
+    free to reuse), and a node's children are read before the node is freed.
+    """
+    nodes = state.nodes
+    pending = root
+    nodes[root, F_REF_POS] = -1
+    while pending >= 0:
+        node = pending
+        pending = nodes[node, F_REF_POS]
+        child = nodes[node, F_FIRST_CHILD]
+        while child >= 0:
+            _delete_edge(state, node, nodes[child, F_TOKEN])
+            nodes[child, F_REF_POS] = pending
+            pending = child
+            child = nodes[child, F_NEXT_SIBLING]
+        free_node(state, node)
+
+
+@njit(cache=True)
 def recount_occurrences(state, visits):
     """Re-walk every suffix of every live sequence, counting visits per materialized node.
 

@@ -136,13 +136,16 @@ class SuffixForest:
         return root
 
     def drop_tree(self, tree: Hashable) -> None:
-        """Remove every sequence of ``tree`` and free its root."""
+        """Remove every sequence of ``tree`` and free all its nodes, its root included.
+
+        O(nodes of the tree): the nodes are freed in one walk, no sequence's suffixes walked.
+        """
         if tree not in self._root_of:
             raise ValueError(f"tree={tree!r} is not in this forest")
-        for seq_id in list(self._seqs_in_tree[tree]):
-            self.remove(seq_id)
-        K.free_node(self._state, self._root_of.pop(tree))
-        del self._seqs_in_tree[tree]
+        for seq_id in self._seqs_in_tree.pop(tree):
+            del self._tree_of_seq[seq_id]
+            self._release_slot(self._slot_of.pop(seq_id))
+        K.free_tree(self._state, self._root_of.pop(tree))
 
     # ------------------------------------------------------------------------- sequences
     def sequence_length(self, seq_id: Hashable) -> int:
@@ -196,12 +199,17 @@ class SuffixForest:
         tree = self._tree_of_seq.pop(seq_id)
         del self._slot_of[seq_id]
         K.remove_sequence(self._state, slot)
+        self._release_slot(slot)
+        self._seqs_in_tree[tree].discard(seq_id)
+
+    def _release_slot(self, slot: int) -> None:
+        """Return a sequence slot whose occurrences are gone from its tree to the free list."""
+        self._seq_len[slot] = 0
         self._pool_live -= int(self._seq_cap[slot])
         self._seq_cap[slot] = 0
         self._seq_alive[slot] = False
         self._seq_root[slot] = -1
         self._free_slots.append(slot)
-        self._seqs_in_tree[tree].discard(seq_id)
 
     def _slot(self, seq_id: Hashable) -> int:
         slot = self._slot_of.get(seq_id)

@@ -87,7 +87,7 @@ def test_kernels_are_compiled_at_construction_and_first_call_is_fast():
         _kernels.recount_occurrences,
         _kernels.find_child,
         _kernels.alloc_node,
-        _kernels.free_node,
+        _kernels.free_tree,
         _state.array_addresses,
     ):
         assert kernel.signatures, f"{kernel.__name__} was not compiled by the warm-up"

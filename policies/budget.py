@@ -20,12 +20,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from types import ModuleType
 from typing import TypeVar
 
 import numpy as np
 
 from policies._checks import as_float_vector, check_int, check_real
-from policies.cost_model import OnlineCostFitter, StepCostModel
+from policies.cost_model import COST_FIELDS, OnlineCostFitter, StepCostModel
 
 __all__ = [
     "BudgetPolicy",
@@ -183,42 +184,89 @@ class LengthClassPolicy:
 # --------------------------------------------------------------------------- cost-model optimum
 
 
-def _flatten_gains(
-    cumulative_probs: Sequence[np.ndarray], weights: np.ndarray, max_budget: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(gains, request index) of every draft token a budget could include, request-major."""
+def _flatten_probs(
+    cumulative_probs: Sequence[np.ndarray], max_budget: int | None
+) -> tuple[Sequence[np.ndarray], np.ndarray, np.ndarray]:
+    """(per-request arrays, their probabilities cut to ``max_budget`` end to end, offsets):
+    request i's are ``probs[offsets[i]:offsets[i + 1]]``. Not yet checked."""
     if isinstance(cumulative_probs, np.ndarray) and cumulative_probs.ndim == 2:
         # A [requests, K] matrix (zeros past each draft): one reshape, no per-row arrays.
         matrix = np.asarray(cumulative_probs, dtype=np.float64)
         if max_budget is not None:
             matrix = matrix[:, :max_budget]
-        arrays = matrix
-        request = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), matrix.shape[1])
-        probs = matrix.reshape(-1)
-    else:
-        arrays = [np.asarray(probs, dtype=np.float64) for probs in cumulative_probs]
-        for index, array in enumerate(arrays):
-            if array.ndim != 1:
-                raise ValueError(f"cumulative_probs[{index}] must be one-dimensional")
-        if max_budget is not None:
-            arrays = [array[:max_budget] for array in arrays]
-        lengths = np.fromiter((array.size for array in arrays), dtype=np.int64, count=len(arrays))
-        request = np.repeat(np.arange(len(arrays), dtype=np.int64), lengths)
-        probs = np.concatenate(arrays) if arrays else np.zeros(0)
-    out_of_range = ~((probs >= 0.0) & (probs <= 1.0))  # NaN included
-    if out_of_range.any():
-        index = int(request[np.argmax(out_of_range)])
+        offsets = np.arange(matrix.shape[0] + 1, dtype=np.int64) * matrix.shape[1]
+        return matrix, np.ascontiguousarray(matrix).reshape(-1), offsets
+    arrays = [np.asarray(probs, dtype=np.float64) for probs in cumulative_probs]
+    for index, array in enumerate(arrays):
+        if array.ndim != 1:
+            raise ValueError(f"cumulative_probs[{index}] must be one-dimensional")
+    if max_budget is not None:
+        arrays = [array[:max_budget] for array in arrays]
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum([array.size for array in arrays], out=offsets[1:])
+    return arrays, (np.concatenate(arrays) if arrays else np.zeros(0)), offsets
+
+
+def _raise_for_status(
+    status: int, index: int, arrays: Sequence[np.ndarray], cost: StepCostModel
+) -> None:
+    """Raise the error a budget kernel's status code names (nothing for ``OK``)."""
+    kernels = _kernels()
+    if status == kernels.OUT_OF_RANGE:
         raise ValueError(f"cumulative_probs[{index}]={arrays[index]!r} must lie in [0, 1]")
-    if isinstance(arrays, np.ndarray):  # rows of a matrix: compare within each row only
-        rising = (np.diff(arrays, axis=1) > 1e-12).any(axis=1)
-        first = int(np.argmax(rising))
-    else:
-        steps = (np.diff(probs) > 1e-12) & (request[1:] == request[:-1])
-        rising = steps.any()
-        first = int(request[np.argmax(steps)]) if rising else 0
-    if rising.any():
-        raise ValueError(f"cumulative_probs[{first}]={arrays[first]!r} must be non-increasing")
+    if status == kernels.RISING:
+        raise ValueError(f"cumulative_probs[{index}]={arrays[index]!r} must be non-increasing")
+    if status == kernels.NON_POSITIVE_TIME:
+        raise ValueError(f"cost={cost!r} predicts a step time <= 0")
+
+
+def _flatten_gains(
+    cumulative_probs: Sequence[np.ndarray],
+    weights: np.ndarray,
+    max_budget: int | None,
+    cost: StepCostModel,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(gains, request index) of every draft token a budget could include, request-major,
+    the probabilities checked."""
+    arrays, probs, offsets = _flatten_probs(cumulative_probs, max_budget)
+    status, index = _kernels().check_cumulative_probs(probs, offsets)
+    _raise_for_status(status, index, arrays, cost)
+    request = np.repeat(np.arange(offsets.size - 1, dtype=np.int64), np.diff(offsets))
     return probs * weights[request], request
+
+
+_NO_VALUES = np.zeros(0)  # an empty array: "no per-request values" to the kernels
+
+
+def _kernels() -> ModuleType:
+    """The compiled budget kernels, imported on first use (importing them loads numba)."""
+    from policies import _budget_kernels
+
+    return _budget_kernels
+
+
+_warmed_up = False
+
+
+def _warm_up_kernels() -> None:
+    """Compile (or load from numba's cache) the budget kernels, once per process, with the
+    argument types a drafter passes them."""
+    global _warmed_up
+    if _warmed_up:
+        return
+    _warmed_up = True
+    cost = StepCostModel(c_base=0.01, c_tok=0.001)
+    probs = np.array([[0.9, 0.5], [0.4, 0.0]])
+    for context in (np.array([10, 20]), 15.0):
+        optimal_budgets(probs, cost, context_tokens=context, max_budget=2)
+        optimal_budgets(probs, cost, context_tokens=context, weights=np.ones(2))
+        drafting_can_pay(np.array([2, 1]), cost, context_tokens=context)
+        drafting_can_pay(np.array([2, 1]), cost, context_tokens=context, weights=np.ones(2))
+
+
+def _coefficients(cost: StepCostModel) -> np.ndarray:
+    """``cost``'s fields in the order the budget kernels index them."""
+    return np.array([getattr(cost, name) for name in COST_FIELDS], dtype=np.float64)
 
 
 def _per_request(values: object, name: str, num_requests: int) -> np.ndarray:
@@ -314,26 +362,22 @@ def optimal_budgets(
     weight = _check_weights(weights, num_requests)
     if num_requests == 0:
         return np.zeros(0, dtype=np.int64)
-    gains, request = _flatten_gains(cumulative_probs, weight, max_budget)
-    # Stable sort of request-major gains: equal gains stay in (request, position) order, so the
-    # first m of the order hold a prefix of every request's draft.
-    order = np.argsort(-gains, kind="stable")
-    produced = float(weight.sum()) + np.concatenate([[0.0], np.cumsum(gains[order])])
-    if per_request_context:  # the m-th draft token adds its request's context to the reads
-        attended = context.sum() + np.concatenate([[0.0], np.cumsum(context[request[order]])])
-    else:
-        attended = context
-    kv = float(np.sum(context))  # each request's cache, read once whatever its drafts (c_kv)
-    num_drafts = np.arange(gains.size + 1)
-    times = cost.step_times(num_requests + num_drafts, attended, num_drafts, kv_tokens=kv)
-    if times.min() <= 0.0:
-        raise ValueError(f"cost={cost!r} predicts a step time <= 0")
-    rate = produced / times
-    best = float(rate.max())
-    num_drafted = int(np.flatnonzero(rate >= best - 1e-12 * abs(best))[0])
-    if best < rate[0] * (1.0 + min_relative_gain):
-        num_drafted = 0
-    return np.bincount(request[order[:num_drafted]], minlength=num_requests).astype(np.int64)
+    arrays, probs, offsets = _flatten_probs(cumulative_probs, max_budget)
+    budgets = np.zeros(num_requests, dtype=np.int64)
+    status, index = _kernels().optimal_draft_counts(
+        probs,
+        offsets,
+        weight,
+        float(weight.sum()),
+        context if per_request_context else _NO_VALUES,
+        0.0 if per_request_context else context,
+        float(context.sum()) if per_request_context else context,
+        _coefficients(cost),
+        float(min_relative_gain),
+        budgets,
+    )
+    _raise_for_status(status, index, arrays, cost)
+    return budgets
 
 
 def drafting_can_pay(
@@ -366,24 +410,25 @@ def drafting_can_pay(
     if num_requests == 0 or counts.max() == 0:
         return False
     weight = _check_weights(weights, num_requests)
-    if weights is None:  # every gain is 1: the sums are exact counts
-        produced = float(num_requests) + np.arange(counts.sum() + 1, dtype=np.float64)
-    else:
-        gains = np.sort(np.repeat(weight, counts))[::-1]
-        produced = float(weight.sum()) + np.concatenate([[0.0], np.cumsum(gains)])
-    if np.ndim(context_tokens) > 0:
+    per_request_context = np.ndim(context_tokens) > 0
+    if per_request_context:
         context = _per_request(context_tokens, "context_tokens", num_requests)
-        cheapest = np.sort(np.repeat(context, counts))
-        attended = context.sum() + np.concatenate([[0.0], np.cumsum(cheapest)])
     else:
-        attended = check_real(context_tokens, "context_tokens", minimum=0.0)
-    kv = float(np.sum(context_tokens))  # each request's cache, read once (c_kv)
-    num_drafts = np.arange(produced.size)
-    times = cost.step_times(num_requests + num_drafts, attended, num_drafts, kv_tokens=kv)
-    if times.min() <= 0.0:
-        return True  # optimal_budgets names the bad cost model
-    rate = produced / (times + np.where(num_drafts > 0, lookup, 0.0))
-    return bool(rate[1:].max() >= rate[0] * (1.0 + min_relative_gain) * (1.0 - 1e-9))
+        context = check_real(context_tokens, "context_tokens", minimum=0.0)
+    return bool(
+        _kernels().drafting_bound_pays(
+            counts,
+            _NO_VALUES if weights is None else weight,
+            float(weight.sum()),
+            context if per_request_context else _NO_VALUES,
+            0.0 if per_request_context else context,
+            float(context.sum()) if per_request_context else context,
+            float(np.sum(context_tokens)),  # each request's cache, read once (c_kv)
+            _coefficients(cost),
+            float(min_relative_gain),
+            lookup,
+        )
+    )
 
 
 def binding_shares(remaining: np.ndarray, tolerance: float = 16.0) -> np.ndarray:
@@ -456,7 +501,7 @@ def makespan_budgets(
     later = cost.step_times(num_requests + 1, reads + context, kv_tokens=reads) - plain
     fixed = cost.c_base + cost.c_kv * reads  # paid by every step, whatever it verifies
     value = fixed * binding_shares(remaining, tolerance) + later
-    gains, request = _flatten_gains(cumulative_probs, value, max_budget)
+    gains, request = _flatten_gains(cumulative_probs, value, max_budget, cost)
     # A draft token's attention reads are its own request's cost; the rest of what it adds
     # depends only on how many drafts the step holds. Net of the former, gains still fall
     # along every draft, so the best m tokens are the m largest net gains.
@@ -670,6 +715,7 @@ class CostModelPolicy(BudgetPolicy):
         check_real(self.max_weight_ratio, "max_weight_ratio", minimum=1.0)
         check_real(self.min_relative_gain, "min_relative_gain", minimum=0.0)
         check_real(self.lookup_s_per_request, "lookup_s_per_request", minimum=0.0)
+        _warm_up_kernels()  # the first engine step, and the lookups it times, pay no compile
 
     @property
     def cost_model(self) -> StepCostModel:

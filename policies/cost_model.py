@@ -77,7 +77,7 @@ class StepCostModel:
     c_kv: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in _FIELDS:
+        for name in COST_FIELDS:
             object.__setattr__(self, name, check_real(getattr(self, name), name, minimum=0.0))
 
     def step_time(
@@ -141,7 +141,7 @@ class StepCostModel:
 
     def to_spec(self) -> str:
         """The model as a string that :func:`parse_cost_spec` reads back."""
-        fields = [getattr(self, name) for name in _FIELDS]
+        fields = [getattr(self, name) for name in COST_FIELDS]
         while len(fields) > 2 and not fields[-1]:  # trailing zero fields are the defaults
             fields.pop()
         return ",".join(repr(float(value)) for value in fields)
@@ -154,7 +154,8 @@ def spec_step_requests(num_tokens: ArrayLike, draft_tokens: ArrayLike) -> np.nda
     return np.where(drafts > 0, tokens - drafts, 0.0)
 
 
-_FIELDS = (
+# The fields in order: parse_cost_spec reads them so, and the budget kernels index them so.
+COST_FIELDS = (
     "c_base",
     "c_tok",
     "knee_tokens",
@@ -178,7 +179,7 @@ def parse_cost_spec(spec: str) -> StepCostModel:
     if not isinstance(spec, str):
         raise ValueError(f"cost spec {spec!r} must be a string '{_SPEC_FORMAT}'")
     parts = [part.strip() for part in spec.split(",")]
-    if not 2 <= len(parts) <= len(_FIELDS):
+    if not 2 <= len(parts) <= len(COST_FIELDS):
         raise ValueError(f"cost spec {spec!r} must be '{_SPEC_FORMAT}'")
     try:
         values = [float(part) for part in parts]

@@ -26,10 +26,10 @@ from typing import Any
 
 from das import methods
 from das.atomic_json import write_json_atomically
+from das.bench import script_args
 from das.vllm.engine import cpu_description
-from policies.profiles import load_cost_model, policy_cost_model
+from policies.profiles import policy_cost_model
 from rollouts.replay import replay_step
-from rollouts.trace import group_by_step, read_trace
 
 logger = logging.getLogger("bench_drafter_parts")
 
@@ -103,13 +103,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not args.trace.is_file():
-        parser.error(f"--trace {args.trace} does not exist")
-    steps = group_by_step(read_trace(args.trace))
+    cost = script_args.cost_model(parser, args.cost)
+    steps = script_args.trace_steps(parser, args.trace)
     keys = sorted(steps)
     if not 2 <= args.step <= len(keys):
         parser.error(f"--step {args.step}: the trace has steps 1-{len(keys)}; give 2 or more")
-    cost = load_cost_model(args.cost)
     plan = policy_cost_model(cost)
     report: dict[str, Any] = {
         "command": f"python scripts/bench_drafter_parts.py --trace {args.trace.name} "

@@ -38,12 +38,12 @@ import numpy as np
 
 from das import methods
 from das.atomic_json import write_json_atomically
+from das.bench import script_args
 from das.bench.batch_bands import band_labels, band_of
 from das.config import LOOKUP_THREADS_AUTO, DASConfig
 from das.vllm.engine import cpu_description
-from policies.profiles import load_cost_model, policy_cost_model
+from policies.profiles import policy_cost_model
 from rollouts.replay import StepResult, replay_step
-from rollouts.trace import group_by_step, read_trace
 
 logger = logging.getLogger("bench_drafter_time")
 
@@ -133,19 +133,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not args.trace.is_file():
-        parser.error(f"--trace {args.trace} does not exist")
-    try:
-        cost = load_cost_model(args.cost)
-    except ValueError as error:
-        parser.error(f"--cost {args.cost!r}: {error}")
+    cost = script_args.cost_model(parser, args.cost)
     threads = args.lookup_threads
     try:
         threads = DASConfig(lookup_threads=int(threads) if threads.isdigit() else threads)
     except ValueError as error:
         parser.error(f"--lookup-threads {args.lookup_threads!r}: {error}")
     num_threads = threads.num_lookup_threads
-    steps = group_by_step(read_trace(args.trace))
+    steps = script_args.trace_steps(parser, args.trace)
     plan = policy_cost_model(cost)
     drafters = {
         method: TimedDrafter(

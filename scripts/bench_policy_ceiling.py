@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from das import methods
 from das.atomic_json import write_json_atomically
+from das.bench import script_args
 from das.bench.trace_oracle import OracleSourceDrafter, TraceView
 from das.config import DASConfig
 from das.drafter import DASDrafter
@@ -57,12 +58,11 @@ from policies.cost_model import StepCostModel
 from policies.profiles import (
     TABLE_PROFILES,
     CostModel,
-    load_cost_model,
     policy_cost_model,
 )
 from policies.step_shapes import StepShapes
 from rollouts.replay import StepResult, replay_step
-from rollouts.trace import RolloutRecord, group_by_step, read_trace
+from rollouts.trace import RolloutRecord
 
 logger = logging.getLogger("bench_policy_ceiling")
 
@@ -256,15 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, help="write a bar chart of step times here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not args.trace.is_file():
-        parser.error(f"--trace {args.trace} does not exist (record one: see this script's doc)")
-    try:
-        cost = load_cost_model(args.cost)
-    except ValueError as error:
-        parser.error(f"--cost {args.cost!r}: {error}")
-    steps = group_by_step(read_trace(args.trace))
-    if len(steps) < 2:
-        parser.error(f"--trace {args.trace} has {len(steps)} step(s); the ratios need >= 2")
+    cost = script_args.cost_model(parser, args.cost)
+    steps = script_args.trace_steps(
+        parser, args.trace, min_steps=2, hint=" (record one: see this script's doc)"
+    )
     replays = {m: replay_method(m, steps, cost, args.k) for m in tqdm(METHODS, desc="replay")}
     runs = {method: results for method, (results, _) in replays.items()}
     summary = summarise(runs, {method: rows for method, (_, rows) in replays.items()})

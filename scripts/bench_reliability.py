@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from das.atomic_json import write_json_atomically
+from das.bench import script_args
 from das.drafter import DASDrafter
 from das.methods import build_drafter
 from das.reliability import NUM_BINS, ReliabilityCalibration
-from policies.profiles import load_cost_model, policy_cost_model
+from policies.profiles import policy_cost_model
 from rollouts.replay import replay_step
-from rollouts.trace import group_by_step, read_trace
 
 logger = logging.getLogger("bench_reliability")
 VARIANTS = {"factors": False, "factors+map": True}
@@ -96,11 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, help="write the reliability curves here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not args.trace.is_file():
-        parser.error(f"--trace {args.trace} does not exist")
-    steps = group_by_step(read_trace(args.trace))
-    if len(steps) < 2:
-        parser.error(f"--trace {args.trace} has {len(steps)} step(s); the ratios need >= 2")
+    steps = script_args.trace_steps(parser, args.trace, min_steps=2)
     report: dict[str, object] = {
         "command": f"python scripts/bench_reliability.py --trace {args.trace.name}",
         "num_speculative_tokens": args.k,
@@ -108,10 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     logs: dict[str, OutcomeLog] = {}
     for name in args.cost or ["h100", "cpu"]:
-        try:
-            cost = load_cost_model(name)
-        except ValueError as error:
-            parser.error(f"--cost {name!r}: {error}")
+        cost = script_args.cost_model(parser, name)
         plan = policy_cost_model(cost)
         none = [replay_step(s, steps[s], None, cost).modelled_s for s in sorted(steps)]
         rows: dict[str, object] = {"none_s": none}

@@ -585,14 +585,20 @@ class DASDrafter:
         rows = len(requests)
         enabled = self._enabled_sources
         roots = np.empty(len(enabled) * rows, np.int64)
+        # The sequence whose stored suffixes give each row's matches without walking the tree:
+        # the request's own in its own tree, its live one in its prompt's (once it ends with
+        # the context; the kernel checks), none in the global tree.
+        match_slots = np.full(len(enabled) * rows, -1, np.int64)
         for n, source in enumerate(enabled):
             part = roots[n * rows : (n + 1) * rows]
             if SOURCES[source] == "global":
                 part[:] = self.forest.tree_handle(GLOBAL_TREE)
             elif SOURCES[source] == "prompt":
                 part[:] = [r.prompt_root for r in requests]
+                match_slots[n * rows : (n + 1) * rows] = [r.live_slot for r in requests]
             else:
                 part[:] = [r.own_root for r in requests]
+                match_slots[n * rows : (n + 1) * rows] = context_slots
         return self.forest.speculate_many(
             roots,
             np.tile(context_slots, len(enabled)),
@@ -600,6 +606,7 @@ class DASDrafter:
             min_token_prob=self.config.min_token_prob,
             max_spec_factor=self.config.max_spec_factor,
             threads=self._lookup_threads,
+            match_slots=match_slots,
         )
 
     def _choose_sources(self, batches: list[DraftBatch | None], scores: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ from numba import njit
 from suffix_tree._kernels import (
     F_BEST_CHILD,
     F_COUNT,
+    F_FIRST_CHILD,
     F_REF_POS,
     F_REF_SEQ,
     F_TOKEN,
@@ -137,6 +138,51 @@ def _match_lengths(state, root, context, high):
 
 
 @njit(cache=True)
+def _match_lengths_along(state, root, slot, context, high):
+    """:func:`_match_lengths` read off a stored sequence instead of walked from the root, or -1
+    where the sequence cannot stand for the context.
+
+    Sequence ``slot`` stands for ``context`` if it lies in the tree at ``root`` and ends with
+    the context's last ``high`` tokens (a request's own sequence in its own tree; its live
+    sequence in its prompt's tree once it holds ``high`` tokens). Then every suffix of length
+    m <= high occurs, and the append kernel keeps, per suffix start among the sequence's last
+    ``max_depth`` positions, the deepest node of its path materialized when it last looked
+    (``active_node`` / ``active_depth``). Appends of other sequences may have materialized
+    deeper ones since; descending to them gives what :func:`match_context` returns: the
+    deepest materialized node of the path and the implicit tokens below it (a chain head: by
+    invariant 3, a node with a child has every continuation materialized). O(high) amortized
+    where walking every length from the root takes O(high ** 2). Reads only.
+    """
+    if slot < 0 or state.seq_root[slot] != root:
+        return -1
+    length = state.seq_len[slot]
+    if length < high:
+        return -1
+    pool = state.pool
+    start = state.seq_start[slot]
+    last = context.shape[0] - 1
+    for i in range(high):
+        if pool[start + length - 1 - i] != context[last - i]:
+            return -1
+    nodes = state.nodes
+    walks = state.walks
+    max_depth = state.max_depth
+    for m in range(1, high + 1):
+        begin = length - m  # the suffix's start, one of the last max_depth positions
+        node = state.active_node[slot, begin % max_depth]
+        depth = np.int64(state.active_depth[slot, begin % max_depth])
+        while depth < m and nodes[node, F_FIRST_CHILD] >= 0:
+            child = find_child(state, node, pool[start + begin + depth])
+            if child < 0:
+                break
+            node = child
+            depth += 1
+        walks[m, W_MATCH_NODE] = node
+        walks[m, W_MATCH_IMPLICIT] = m - depth
+    return high
+
+
+@njit(cache=True)
 def _draft_all(state, root, low, max_tokens, min_token_prob, max_spec_factor):
     """The greedy draft from the match of every length m in 1..``low`` (found by
     :func:`_match_lengths`), written to row m of ``scratch_tokens`` / ``scratch_probs``, its
@@ -209,7 +255,15 @@ def _draft_all(state, root, low, max_tokens, min_token_prob, max_spec_factor):
 
 @njit(cache=True)
 def _speculate(
-    state, root, context, max_tokens, min_token_prob, max_spec_factor, out_tokens, out_probs
+    state,
+    root,
+    context,
+    match_slot,
+    max_tokens,
+    min_token_prob,
+    max_spec_factor,
+    out_tokens,
+    out_probs,
 ):
     """Best draft over every suffix match length of ``context`` (``len(context) <= max_depth``).
 
@@ -221,10 +275,14 @@ def _speculate(
     ``out_tokens`` / ``out_probs`` (per-token conditional probabilities). Precondition: the
     state's scratch buffers hold ``max_tokens`` per row.
 
-    Every length that occurs is matched (:func:`_match_lengths`) and drafted
+    Every length that occurs is matched (read off sequence ``match_slot`` where it stands for
+    the context, :func:`_match_lengths_along`; else walked, :func:`_match_lengths`) and drafted
     (:func:`_draft_all`), the walks of all lengths interleaved.
     """
-    low = _match_lengths(state, root, context, min(context.shape[0], state.max_depth))
+    high = min(context.shape[0], state.max_depth)
+    low = _match_lengths_along(state, root, match_slot, context, high)
+    if low < 0:
+        low = _match_lengths(state, root, context, high)
     if low == 0:
         return 0, 0, 0.0
     _draft_all(state, root, low, max_tokens, min_token_prob, max_spec_factor)
@@ -269,6 +327,7 @@ def speculate_one(state, root, context, max_tokens, min_token_prob, max_spec_fac
         state,
         root,
         context[begin:],
+        np.int64(-1),
         max_tokens,
         min_token_prob,
         max_spec_factor,
@@ -284,6 +343,7 @@ def speculate_rows(
     state,
     roots,
     context_slots,
+    match_slots,
     max_tokens,
     min_token_prob,
     max_spec_factor,
@@ -294,8 +354,10 @@ def speculate_rows(
     out_match,
 ):
     """Row i: :func:`_speculate` in the tree at ``roots[i]`` with the context taken from the last
-    ``max_depth`` tokens of sequence slot ``context_slots[i]``. A negative root or a budget of 0
-    gives an empty draft. Precondition: the scratch buffers hold ``max(max_tokens)``.
+    ``max_depth`` tokens of sequence slot ``context_slots[i]``, its matches read off sequence
+    ``match_slots[i]`` where that sequence stands for the context (-1: walked). A negative root
+    or a budget of 0 gives an empty draft. Precondition: the scratch buffers hold
+    ``max(max_tokens)``.
 
     Runs without the GIL, so that threads can look up disjoint rows at once, each with a record
     of its own scratch buffers (``scratch_*``, ``walks``, ``walk_scores``): it writes only those,
@@ -318,6 +380,7 @@ def speculate_rows(
             state,
             root,
             state.pool[begin:end],
+            match_slots[i],
             max_tokens[i],
             min_token_prob,
             max_spec_factor,

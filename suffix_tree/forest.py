@@ -368,19 +368,37 @@ class SuffixForest:
         min_token_prob: float = 0.1,
         max_spec_factor: float | None = None,
         threads: int = 1,
+        match_slots: np.ndarray | None = None,
     ) -> DraftBatch:
         """Row i: :meth:`speculate` in the tree ``roots[i]``, with the last ``max_depth`` tokens
         of sequence ``context_slots[i]`` as context and ``max_tokens[i]`` (0 = no draft).
 
         ``threads`` > 1 splits the rows among that many threads (each at least
-        ``MIN_ROWS_PER_THREAD`` rows); the drafts are the same whatever the split."""
+        ``MIN_ROWS_PER_THREAD`` rows); the drafts are the same whatever the split.
+        ``match_slots[i]`` (default: ``context_slots[i]``; -1: none) names a sequence of row
+        i's tree that ends with the context, such as a request's live sequence in its prompt's
+        tree: its matches are then read off that sequence instead of walked from the root,
+        with the same drafts (a slot that does not qualify is walked)."""
         threads = check_positive_int(threads, "threads")
         roots = np.ascontiguousarray(roots, dtype=np.int64)
         context_slots = np.ascontiguousarray(context_slots, dtype=np.int64)
         max_tokens = np.ascontiguousarray(max_tokens, dtype=np.int64)
+        match_slots = (
+            context_slots
+            if match_slots is None
+            else np.ascontiguousarray(match_slots, dtype=np.int64)
+        )
         rows = roots.shape[0]
-        if context_slots.shape != (rows,) or max_tokens.shape != (rows,):
-            raise ValueError("roots, context_slots and max_tokens must have one entry per row")
+        if (
+            context_slots.shape != (rows,)
+            or max_tokens.shape != (rows,)
+            or match_slots.shape != (rows,)
+        ):
+            raise ValueError(
+                "roots, context_slots, max_tokens and match_slots must have one entry per row"
+            )
+        if rows and (match_slots.max() >= self._seq_alive.shape[0] or match_slots.min() < -1):
+            raise ValueError(f"match_slots={match_slots!r} holds a slot out of range")
         if rows and (max_tokens.min() < 0):
             raise ValueError(f"max_tokens={max_tokens!r} must be >= 0")
         if rows and (context_slots.min() < 0 or not self._seq_alive[context_slots].all()):
@@ -407,6 +425,7 @@ class SuffixForest:
                 state,
                 roots[lo:hi],
                 context_slots[lo:hi],
+                match_slots[lo:hi],
                 max_tokens[lo:hi],
                 min_token_prob,
                 factor,

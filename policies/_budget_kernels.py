@@ -40,7 +40,8 @@ NON_POSITIVE_TIME = 3
 
 @njit(cache=True)
 def _step_time(coefficients, num_tokens, attended, num_drafts, kv_tokens):
-    """One step's seconds, as ``StepCostModel.step_times`` adds them up (no prefill)."""
+    """One step's seconds, as ``StepCostModel.step_times`` adds them up. A decode step has no
+    prefill: its term would add an exact 0 to a positive sum, so it is left out."""
     total = coefficients[C_BASE] + coefficients[C_TOK] * max(
         0.0, num_tokens - coefficients[KNEE_TOKENS]
     )
@@ -53,8 +54,6 @@ def _step_time(coefficients, num_tokens, attended, num_drafts, kv_tokens):
         total = total + coefficients[C_SPEC_REQUEST] * spec_requests
     if coefficients[C_KV] != 0.0:
         total = total + coefficients[C_KV] * kv_tokens
-    if coefficients[C_PREFILL] != 0.0:
-        total = total + coefficients[C_PREFILL] * 0.0
     return total
 
 
@@ -202,28 +201,29 @@ def drafting_bound_pays(
     context,
     context_scalar,
     context_sum,
-    kv_tokens,
     coefficients,
     min_relative_gain,
     lookup_s,
 ):
     """The answer of :func:`policies.budget.drafting_can_pay` for ``counts`` (caps, each >= 0,
     not all 0). ``weights`` is empty for unit weights; ``context`` is empty when every step
-    reads ``context_scalar`` tokens; ``weight_sum`` / ``context_sum`` are the arrays' sums and
-    ``kv_tokens`` the step's KV reads, all taken by the caller."""
+    reads ``context_scalar`` tokens; ``weight_sum`` / ``context_sum`` are the arrays' sums (the
+    latter, or the scalar, is also the step's KV reads), all taken by the caller."""
     num_requests = counts.shape[0]
     total = 0
     for i in range(num_requests):
         total += counts[i]
     # Each request's value repeated counts[i] times, in value order (the order of equal values
     # does not matter): sorting the requests sorts the repeated values.
-    gains = np.empty(total, np.float64)  # the largest weights first
-    if weights.shape[0] > 0:
+    weighted = weights.shape[0] > 0
+    gains = np.empty(total if weighted else 0, np.float64)  # the largest weights first
+    if weighted:
         _repeat_in_order(weights, counts, np.argsort(weights)[::-1], gains)
-    cheapest = np.empty(total, np.float64)  # the smallest contexts first
     per_request_context = context.shape[0] > 0
+    cheapest = np.empty(total if per_request_context else 0, np.float64)  # smallest first
     if per_request_context:
         _repeat_in_order(context, counts, np.argsort(context), cheapest)
+    kv_tokens = context_sum if per_request_context else context_scalar
     produced = 0.0
     attended = 0.0
     base_rate = 0.0
@@ -232,9 +232,8 @@ def drafting_bound_pays(
         if m > 0:
             if per_request_context:
                 attended = attended + cheapest[m - 1]
-            if weights.shape[0] > 0:
+            if weighted:
                 produced = produced + gains[m - 1]
-        weighted = weights.shape[0] > 0
         tokens = weight_sum + produced if weighted else float(num_requests) + float(m)
         reads = context_sum + attended if per_request_context else context_scalar
         time = _step_time(coefficients, float(num_requests + m), reads, float(m), kv_tokens)

@@ -264,6 +264,17 @@ def _warm_up_kernels() -> None:
         drafting_can_pay(np.array([2, 1]), cost, context_tokens=context, weights=np.ones(2))
 
 
+def _kernel_context(context_tokens: float | np.ndarray, num_requests: int) -> tuple:
+    """``context_tokens`` checked and as the budget kernels take it: (each request's context,
+    or an empty array for a scalar; the scalar, every step's reads whatever its drafts, or 0;
+    the reads of a step without drafts, each request's cache read once)."""
+    if np.ndim(context_tokens) > 0:
+        context = _per_request(context_tokens, "context_tokens", num_requests)
+        return context, 0.0, float(context.sum())
+    scalar = check_real(context_tokens, "context_tokens", minimum=0.0)
+    return _NO_VALUES, scalar, scalar
+
+
 def _coefficients(cost: StepCostModel) -> np.ndarray:
     """``cost``'s fields in the order the budget kernels index them."""
     return np.array([getattr(cost, name) for name in COST_FIELDS], dtype=np.float64)
@@ -354,11 +365,7 @@ def optimal_budgets(
     num_requests = len(cumulative_probs)
     if max_budget is not None:
         max_budget = check_int(max_budget, "max_budget", minimum=0)
-    per_request_context = np.ndim(context_tokens) > 0
-    if per_request_context:
-        context = _per_request(context_tokens, "context_tokens", num_requests)
-    else:
-        context = check_real(context_tokens, "context_tokens", minimum=0.0)
+    context, context_scalar, reads = _kernel_context(context_tokens, num_requests)
     weight = _check_weights(weights, num_requests)
     if num_requests == 0:
         return np.zeros(0, dtype=np.int64)
@@ -369,9 +376,9 @@ def optimal_budgets(
         offsets,
         weight,
         float(weight.sum()),
-        context if per_request_context else _NO_VALUES,
-        0.0 if per_request_context else context,
-        float(context.sum()) if per_request_context else context,
+        context,
+        context_scalar,
+        reads,
         _coefficients(cost),
         float(min_relative_gain),
         budgets,
@@ -410,20 +417,15 @@ def drafting_can_pay(
     if num_requests == 0 or counts.max() == 0:
         return False
     weight = _check_weights(weights, num_requests)
-    per_request_context = np.ndim(context_tokens) > 0
-    if per_request_context:
-        context = _per_request(context_tokens, "context_tokens", num_requests)
-    else:
-        context = check_real(context_tokens, "context_tokens", minimum=0.0)
+    context, context_scalar, reads = _kernel_context(context_tokens, num_requests)
     return bool(
         _kernels().drafting_bound_pays(
             counts,
             _NO_VALUES if weights is None else weight,
             float(weight.sum()),
-            context if per_request_context else _NO_VALUES,
-            0.0 if per_request_context else context,
-            float(context.sum()) if per_request_context else context,
-            float(np.sum(context_tokens)),  # each request's cache, read once (c_kv)
+            context,
+            context_scalar,
+            reads,
             _coefficients(cost),
             float(min_relative_gain),
             lookup,

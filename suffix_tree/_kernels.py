@@ -43,6 +43,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from suffix_tree._prefetch import prefetch
+
 F_TOKEN = 0
 F_COUNT = 1
 F_FIRST_CHILD = 2
@@ -284,6 +286,31 @@ def append_tokens(state, seq, new_tokens):
 
 
 @njit(cache=True)
+def _prefetch_paths(state, seq, n, t):
+    # What appending token t at position n of sequence seq reads, requested before it is read,
+    # so that the cache misses of its max_depth suffixes overlap instead of following one
+    # another: each suffix's active node, the edge it looks up, then the child it finds.
+    nodes = state.nodes
+    active_node = state.active_node
+    active_depth = state.active_depth
+    max_depth = state.max_depth
+    mask = state.edge_keys.shape[0] - 1
+    first = max(0, n - max_depth + 1)
+    for j in range(first, n + 1):
+        node = active_node[seq, j % max_depth]
+        prefetch(nodes, (node, 0))
+        if active_depth[seq, j % max_depth] == n - j:
+            slot = _edge_slot(node, t, mask)
+            prefetch(state.edge_keys, slot)
+            prefetch(state.edge_vals, slot)
+    for j in range(first, n + 1):
+        if active_depth[seq, j % max_depth] == n - j:
+            child = find_child(state, active_node[seq, j % max_depth], t)
+            if child >= 0:
+                prefetch(nodes, (child, 0))
+
+
+@njit(cache=True)
 def _append(state, seq, new_tokens):
     # Precondition: has_room(state, seq, len(new_tokens)).
     nodes = state.nodes
@@ -294,13 +321,18 @@ def _append(state, seq, new_tokens):
     max_depth = state.max_depth
     root = state.seq_root[seq]
     start = state.seq_start[seq]
-    for t in new_tokens:
+    mask = state.edge_keys.shape[0] - 1
+    last = new_tokens.shape[0] - 1
+    for k in range(last + 1):
+        t = new_tokens[k]
         n = seq_len[seq]
         pool[start + n] = t
         seq_len[seq] = n + 1
         nodes[root, F_COUNT] += 1
         active_node[seq, n % max_depth] = root
         active_depth[seq, n % max_depth] = 0
+        if k == 0:
+            _prefetch_paths(state, seq, n, t)
         # Longer suffixes first: when a shorter one splits a chain head owned by a longer suffix
         # of this same sequence, that suffix has already absorbed token n implicitly.
         for j in range(max(0, n - max_depth + 1), n + 1):
@@ -344,6 +376,10 @@ def _append(state, seq, new_tokens):
                     nodes[child, F_REF_SEQ] = -1
             active_node[seq, ring] = child
             active_depth[seq, ring] = end_depth + 1
+            if k < last:  # the edge this suffix looks up for the next token
+                slot = _edge_slot(child, new_tokens[k + 1], mask)
+                prefetch(state.edge_keys, slot)
+                prefetch(state.edge_vals, slot)
 
 
 @njit(cache=True)

@@ -340,6 +340,40 @@ def speculate_one(state, root, context, max_tokens, min_token_prob, max_spec_fac
     return cursor, cursor + num, match_len, score
 
 
+# Status of check_lookup_rows.
+LOOKUP_OK = 0
+LOOKUP_BAD_MATCH_SLOT = 1
+LOOKUP_NEGATIVE_BUDGET = 2
+LOOKUP_BAD_CONTEXT_SLOT = 3
+LOOKUP_BAD_ROOT = 4
+
+
+@njit(cache=True)
+def check_lookup_rows(seq_alive, num_nodes, roots, context_slots, match_slots, max_tokens):
+    """What :func:`speculate_rows` needs of its rows (all of one length), checked in one pass
+    each: returns (LOOKUP_OK, the largest budget), or the first failure found and 0: a match
+    slot out of range (-1 allowed), a negative budget, a context slot that is not a live
+    sequence, a root beyond the node table (a negative root is allowed: an empty draft)."""
+    rows = roots.shape[0]
+    num_slots = seq_alive.shape[0]
+    for i in range(rows):
+        if match_slots[i] < -1 or match_slots[i] >= num_slots:
+            return LOOKUP_BAD_MATCH_SLOT, 0
+    width = 0
+    for i in range(rows):
+        if max_tokens[i] < 0:
+            return LOOKUP_NEGATIVE_BUDGET, 0
+        width = max(width, max_tokens[i])
+    for i in range(rows):
+        slot = context_slots[i]
+        if slot < 0 or slot >= num_slots or not seq_alive[slot]:
+            return LOOKUP_BAD_CONTEXT_SLOT, 0
+    for i in range(rows):
+        if roots[i] >= num_nodes:
+            return LOOKUP_BAD_ROOT, 0
+    return LOOKUP_OK, width
+
+
 @njit(cache=True, nogil=True)
 def speculate_rows(
     state,

@@ -66,6 +66,13 @@ APPENDED = 0
 NEGATIVE_TOKEN = 1
 NEEDS_ROOM = 2
 
+# Status of check_rows.
+ROWS_OK = 0
+ROWS_BAD_OFFSETS = 1
+ROWS_DECREASING = 2
+ROWS_NOT_LIVE = 3
+ROWS_REPEATED = 4
+
 # The edge table is kept at most EDGE_LOAD_NUM / EDGE_LOAD_DEN full.
 EDGE_LOAD_NUM = 3
 EDGE_LOAD_DEN = 5
@@ -380,6 +387,30 @@ def _append(state, seq, new_tokens):
                 slot = _edge_slot(child, new_tokens[k + 1], mask)
                 prefetch(state.edge_keys, slot)
                 prefetch(state.edge_vals, slot)
+
+
+@njit(cache=True)
+def check_rows(seq_alive, slots, offsets, num_tokens):
+    """What :func:`append_rows` needs of its rows, checked before anything is stored: ROWS_OK,
+    or the first failure found: ``offsets`` not one per row plus one, from 0 to
+    ``num_tokens`` (ROWS_BAD_OFFSETS); ``offsets`` decreasing (ROWS_DECREASING); a slot that
+    is not a live sequence (ROWS_NOT_LIVE); a slot given twice (ROWS_REPEATED). One pass each,
+    where the array calls they replace cost microseconds apiece."""
+    rows = slots.shape[0]
+    if offsets.shape[0] != rows + 1 or offsets[0] != 0 or offsets[rows] != num_tokens:
+        return ROWS_BAD_OFFSETS
+    for i in range(rows):
+        if offsets[i + 1] < offsets[i]:
+            return ROWS_DECREASING
+    for i in range(rows):
+        slot = slots[i]
+        if slot < 0 or slot >= seq_alive.shape[0] or not seq_alive[slot]:
+            return ROWS_NOT_LIVE
+    ordered = np.sort(slots)
+    for i in range(1, rows):
+        if ordered[i] == ordered[i - 1]:
+            return ROWS_REPEATED
+    return ROWS_OK
 
 
 @njit(cache=True)

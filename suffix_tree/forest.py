@@ -337,13 +337,20 @@ class SuffixForest:
         slots = np.ascontiguousarray(slots, dtype=np.int64)
         offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         tokens = to_token_array(tokens, "tokens")
-        if offsets.shape != (slots.shape[0] + 1,) or offsets[0] != 0 or offsets[-1] != tokens.size:
+        if slots.ndim != 1:
+            raise ValueError(f"slots={slots!r} must be one-dimensional")
+        status = (
+            K.check_rows(self._seq_alive, slots, offsets, tokens.size)
+            if offsets.ndim == 1
+            else K.ROWS_BAD_OFFSETS
+        )
+        if status == K.ROWS_BAD_OFFSETS:
             raise ValueError(f"offsets={offsets!r} must run from 0 to len(tokens) per slot")
-        if np.any(np.diff(offsets) < 0):
+        if status == K.ROWS_DECREASING:
             raise ValueError(f"offsets={offsets!r} must be non-decreasing")
-        if slots.size and (slots.min() < 0 or not self._seq_alive[slots].all()):
+        if status == K.ROWS_NOT_LIVE:
             raise ValueError(f"slots={slots!r} holds a slot that is not a live sequence")
-        if np.unique(slots).size != slots.size:
+        if status == K.ROWS_REPEATED:
             raise ValueError(f"slots={slots!r} holds a slot twice")
         counts = np.diff(offsets)
         grow = np.flatnonzero(self._seq_len[slots] + counts > self._seq_cap[slots])
@@ -390,22 +397,27 @@ class SuffixForest:
         )
         rows = roots.shape[0]
         if (
-            context_slots.shape != (rows,)
+            roots.ndim != 1
+            or context_slots.shape != (rows,)
             or max_tokens.shape != (rows,)
             or match_slots.shape != (rows,)
         ):
             raise ValueError(
                 "roots, context_slots, max_tokens and match_slots must have one entry per row"
             )
-        if rows and (match_slots.max() >= self._seq_alive.shape[0] or match_slots.min() < -1):
+        status, width = D.check_lookup_rows(
+            self._seq_alive, self._nodes.shape[0], roots, context_slots, match_slots, max_tokens
+        )
+        if status == D.LOOKUP_BAD_MATCH_SLOT:
             raise ValueError(f"match_slots={match_slots!r} holds a slot out of range")
-        if rows and (max_tokens.min() < 0):
+        if status == D.LOOKUP_NEGATIVE_BUDGET:
             raise ValueError(f"max_tokens={max_tokens!r} must be >= 0")
-        if rows and (context_slots.min() < 0 or not self._seq_alive[context_slots].all()):
+        if status == D.LOOKUP_BAD_CONTEXT_SLOT:
             raise ValueError(f"context_slots={context_slots!r} holds a slot that is not live")
+        if status == D.LOOKUP_BAD_ROOT:
+            raise ValueError(f"roots={roots!r} holds a node beyond the forest's")
         check_probability(min_token_prob, "min_token_prob")
         factor = _NO_FACTOR_LIMIT if max_spec_factor is None else float(max_spec_factor)
-        width = int(max_tokens.max()) if rows else 0
         if width > self._draft_capacity:
             self._grow_draft_buffers(width)
         batch = DraftBatch(
@@ -418,7 +430,7 @@ class SuffixForest:
         if not rows:
             return batch
         parts = max(1, min(threads, rows // MIN_ROWS_PER_THREAD))
-        bounds = np.linspace(0, rows, parts + 1).astype(np.int64).tolist()
+        bounds = [0, rows] if parts == 1 else np.linspace(0, rows, parts + 1).astype(int).tolist()
         # One argument list of speculate_rows per chunk, each with its own scratch record.
         calls = [
             (

@@ -88,6 +88,8 @@ def test_kernels_are_compiled_at_construction_and_first_call_is_fast():
         _kernels.find_child,
         _kernels.alloc_node,
         _kernels.free_tree,
+        _kernels.check_rows,
+        _draft_kernels.check_lookup_rows,
         _state.array_addresses,
     ):
         assert kernel.signatures, f"{kernel.__name__} was not compiled by the warm-up"
@@ -145,6 +147,61 @@ def test_batch_apis_reject_bad_handles():
     with pytest.raises(ValueError, match="max_tokens="):
         forest.speculate_many(np.array([0]), np.array([slot]), np.array([-1]))
     assert forest.sequence_tokens("a").tolist() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("rows", "offsets", "message"),
+    [
+        (["a", "b"], [0, 3, 2], "must be non-decreasing"),
+        (["a", "a"], [0, 1, 2], "holds a slot twice"),
+        ([10**6], [0, 2], "not a live sequence"),
+        ([-1], [0, 2], "not a live sequence"),
+        (["a"], [[0, 2]], "offsets=.* must run from 0"),
+        (["a"], [1, 2], "offsets=.* must run from 0"),
+        ([["a"]], [0, 2], "slots=.* must be one-dimensional"),
+    ],
+)
+def test_append_many_names_what_is_wrong_with_its_rows_and_stores_nothing(rows, offsets, message):
+    forest = SuffixForest(max_depth=4)
+    forest.append("a", [1, 2])
+    forest.append("b", [3])
+    handles = {"a": forest.sequence_handle("a"), "b": forest.sequence_handle("b")}
+    slots = np.array(
+        [[handles[r] for r in row] for row in rows]
+        if isinstance(rows[0], list)
+        else [handles.get(r, r) for r in rows]
+    )
+    with pytest.raises(ValueError, match=message):
+        forest.append_many(slots, np.array([5, 6], np.int32), np.array(offsets))
+    assert forest.sequence_tokens("a").tolist() == [1, 2]
+    assert forest.sequence_tokens("b").tolist() == [3]
+    forest.check_integrity()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"match_slots": [10**6]}, "match_slots=.* holds a slot out of range"),
+        ({"match_slots": [-2]}, "match_slots=.* holds a slot out of range"),
+        ({"max_tokens": [-1]}, "max_tokens=.* must be >= 0"),
+        ({"context_slots": [10**6]}, "context_slots=.* holds a slot that is not live"),
+        ({"roots": [10**9]}, "roots=.* holds a node beyond"),
+        ({"roots": [[0]]}, "must have one entry per row"),
+    ],
+)
+def test_speculate_many_names_what_is_wrong_with_its_rows(change, message):
+    forest = SuffixForest(max_depth=4)
+    forest.append("a", [1, 2, 1, 2])
+    rows = {
+        "roots": [forest.tree_handle(0)],
+        "context_slots": [forest.sequence_handle("a")],
+        "max_tokens": [3],
+        "match_slots": [-1],
+    }
+    assert forest.speculate_many(**{k: np.array(v) for k, v in rows.items()}).num_tokens[0] > 0
+    rows.update(change)
+    with pytest.raises(ValueError, match=message):
+        forest.speculate_many(**{k: np.array(v) for k, v in rows.items()})
 
 
 def test_negative_tokens_in_an_int32_context_are_rejected():

@@ -244,6 +244,9 @@ class DASDrafter:
         self._num_started = 0
         self.calibration = AcceptanceCalibration(len(SOURCES))
         self.reliability = ReliabilityCalibration()
+        # Whether verified drafts feed the reliability map's statistics: only where the map is
+        # applied (a benchmark may turn it on to watch the map without applying it).
+        self.record_reliability = self.config.calibrate and self.config.reliability_calibration
         self.lookup_gate = LookupGate(self.config.lookup_s_per_request)
         self._lookup_threads = self.config.num_lookup_threads
         # (requests, plain step s, step s with the verified drafts) of the last looked-up
@@ -381,7 +384,8 @@ class DASDrafter:
         )
         np.add.at(self.calibration.accepted, (sources, buckets), accepted)
         np.add.at(self.calibration.expected, (sources, buckets), expected)
-        self.reliability.record_rows(predicted, num, accepted)
+        if self.record_reliability:
+            self.reliability.record_rows(predicted, num, accepted)
         self.stats.num_accepted_tokens += int(accepted.sum())
         self.stats.count_rows(
             self.step,

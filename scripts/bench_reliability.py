@@ -71,6 +71,7 @@ def log_policy_inputs(drafter: DASDrafter, log: OutcomeLog) -> None:
     """
     reliability = drafter.reliability
     record_rows = reliability.record_rows
+    drafter.record_reliability = True  # the map's inputs are logged with it off too
     mapped = drafter.config.reliability_calibration
 
     def record_with_log(

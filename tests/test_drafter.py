@@ -330,6 +330,7 @@ def test_drafts_of_two_propose_calls_are_scored_as_those_of_one():
 
     def scored(calls: list[list[str]]) -> DASDrafter:
         drafter = DASDrafter(prompt_only(num_speculative_tokens=4))
+        drafter.record_reliability = True  # the map's statistics too, without applying it
         drafter.begin_step(1)
         run_request(drafter, "r1", PROMPT_A, RESPONSE)
         drafter.begin_step(2)

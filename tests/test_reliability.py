@@ -137,6 +137,15 @@ def start_loop_request(policy: BudgetPolicy, enabled: bool) -> DASDrafter:
 LOOP = [1, 2, 3, 4, 5, 6, 7, 8]
 
 
+def test_a_drafter_without_the_map_keeps_no_reliability_statistics():
+    drafter = start_loop_request(RecordingPolicy(), enabled=False)
+    draft = drafter.propose([1]).draft_tokens()[0]
+    assert len(draft) == 4
+    drafter.extend_request(1, [*draft[:2], 99])
+    assert drafter.calibration.accepted.sum() == 2  # the draft was scored
+    assert drafter.reliability.tried.sum() == 0
+
+
 def test_the_drafter_records_each_verified_position_in_the_bin_of_its_prediction():
     drafter = start_loop_request(RecordingPolicy(), enabled=True)
     proposal = drafter.propose([1])

@@ -90,6 +90,12 @@ def test_batches_where_no_draft_could_pay_skip_the_tree_lookups(monkeypatch):
 def lookups_and_gated_batches(monkeypatch, lookup_us, clock=None) -> tuple[int, int]:
     """Tree lookups and gated batches in 20 passes of 2 requests whose drafts are all wrong,
     under flat 10 ms steps (a request's accepted draft token would save 10 ms / 2)."""
+    drafter, lookups = drafter_after_wrong_drafts(monkeypatch, lookup_us, clock)
+    return len(lookups), drafter.stats.num_gated_batches
+
+
+def drafter_after_wrong_drafts(monkeypatch, lookup_us, clock=None) -> tuple[DASDrafter, list]:
+    """The drafter of :func:`lookups_and_gated_batches` after its 20 passes, and its lookups."""
     from policies.budget import CostModelPolicy
     from policies.cost_model import StepCostModel
 
@@ -115,7 +121,20 @@ def lookups_and_gated_batches(monkeypatch, lookup_us, clock=None) -> tuple[int, 
         # Tokens never seen before: every draft is wrong, and no lookup saves anything.
         drafter.propose(["a", "b"])
         drafter.extend_many(["a", "b"], [[1000 + 2 * step], [1001 + 2 * step]])
-    return len(lookups), drafter.stats.num_gated_batches
+    return drafter, lookups
+
+
+def test_a_gated_batch_with_an_unknown_request_is_a_failure_not_a_skip(monkeypatch):
+    """A gated batch is not looked up, but its ids are still checked: an unknown one fails
+    the batch (empty drafts, counted as a failure), as in a batch that is looked up."""
+    drafter, lookups = drafter_after_wrong_drafts(monkeypatch, 3000.0)
+    gated, failures = drafter.stats.num_gated_batches, drafter.stats.num_failures
+    assert drafter.propose(["a", "b"]).draft_tokens() == [[], []]
+    assert drafter.stats.num_gated_batches == gated + 1  # the next batch of 2 is gated
+    assert drafter.propose(["a", "ghost"]).draft_tokens() == [[], []]
+    assert drafter.stats.num_failures == failures + 1
+    assert drafter.stats.num_gated_batches == gated + 1
+    assert len(lookups) == 2
 
 
 def test_batches_whose_lookups_saved_less_than_they_cost_are_not_looked_up(monkeypatch):

@@ -28,6 +28,7 @@ from suffix_tree._kernels import (
     _is_chain_head,
     _rescan_best_child,
     find_child,
+    is_live_slot,
 )
 
 # Columns of ``walks`` (int64[max_depth + 1, NUM_WALK_FIELDS], row m: the walk of match length
@@ -365,8 +366,7 @@ def check_lookup_rows(seq_alive, num_nodes, roots, context_slots, match_slots, m
             return LOOKUP_NEGATIVE_BUDGET, 0
         width = max(width, max_tokens[i])
     for i in range(rows):
-        slot = context_slots[i]
-        if slot < 0 or slot >= num_slots or not seq_alive[slot]:
+        if not is_live_slot(seq_alive, context_slots[i]):
             return LOOKUP_BAD_CONTEXT_SLOT, 0
     for i in range(rows):
         if roots[i] >= num_nodes:

@@ -389,6 +389,12 @@ def _append(state, seq, new_tokens):
                 prefetch(state.edge_vals, slot)
 
 
+@njit(cache=True, inline="always")
+def is_live_slot(seq_alive, slot):
+    """Whether ``slot`` names a live sequence (a slot out of range does not)."""
+    return 0 <= slot < seq_alive.shape[0] and seq_alive[slot]
+
+
 @njit(cache=True)
 def check_rows(seq_alive, slots, offsets, num_tokens):
     """What :func:`append_rows` needs of its rows, checked before anything is stored: ROWS_OK,
@@ -403,8 +409,7 @@ def check_rows(seq_alive, slots, offsets, num_tokens):
         if offsets[i + 1] < offsets[i]:
             return ROWS_DECREASING
     for i in range(rows):
-        slot = slots[i]
-        if slot < 0 or slot >= seq_alive.shape[0] or not seq_alive[slot]:
+        if not is_live_slot(seq_alive, slots[i]):
             return ROWS_NOT_LIVE
     ordered = np.sort(slots)
     for i in range(1, rows):

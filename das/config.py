@@ -21,6 +21,11 @@ LOOKUP_MEASURED = "auto"
 # MAX_AUTO_LOOKUP_THREADS": an engine host runs other workers and the engine's own threads.
 LOOKUP_THREADS_AUTO = "auto"
 MAX_AUTO_LOOKUP_THREADS = 4
+# max_spec_factor's value for "by policy": COST_MODEL_SPEC_FACTOR with the cost-model policy,
+# whose budgets weigh every draft position by its calibrated probability, and 1 (vLLM's suffix
+# method's default) with the others, for which the match length is the only guard.
+SPEC_FACTOR_AUTO = "auto"
+COST_MODEL_SPEC_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,10 @@ class DASConfig:
         max_global_tokens: bound on the global tree's tokens; its oldest rollouts go first.
         max_spec_factor: a draft continuing a match of m tokens has at most
             ``m * max_spec_factor`` tokens (as vLLM's suffix method): short matches in unseen
-            text draft little, where the tree's count ratios are least trustworthy.
+            text draft little, where the tree's count ratios are least trustworthy. ``"auto"``
+            (the default): ``COST_MODEL_SPEC_FACTOR`` (2) with the ``cost_model`` policy, which
+            calibrates the positions past a draft's match on their own and budgets from them,
+            1 with the others (see :attr:`spec_factor`).
         calibrate: scale each source's draft probabilities by its observed acceptance
             (accepted / expected tokens over recent drafts) before choosing sources and budgets.
         reliability_calibration: with ``calibrate``, also map each draft's predicted cumulative
@@ -93,7 +101,7 @@ class DASConfig:
     max_history_tokens: int = 8_000_000
     max_prompt_tokens: int = 1_000_000
     max_global_tokens: int = 1_500_000
-    max_spec_factor: float = 1.0
+    max_spec_factor: float | str = SPEC_FACTOR_AUTO
     calibrate: bool = True
     reliability_calibration: bool = False
     max_draft_batch: int | None = None
@@ -134,8 +142,13 @@ class DASConfig:
             raise ValueError(
                 f"lookup_threads={threads!r} must be {LOOKUP_THREADS_AUTO!r} or a positive integer"
             )
-        if not float(self.max_spec_factor) > 0:
-            raise ValueError(f"max_spec_factor={self.max_spec_factor!r} must be > 0")
+        factor = self.max_spec_factor
+        if factor != SPEC_FACTOR_AUTO and (
+            isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0
+        ):
+            raise ValueError(
+                f"max_spec_factor={factor!r} must be {SPEC_FACTOR_AUTO!r} or a number > 0"
+            )
         if self.policy not in POLICIES:
             raise ValueError(f"policy={self.policy!r} must be one of {POLICIES}")
         if not (self.use_prompt_history or self.use_own_context or self.use_global_tree):
@@ -159,6 +172,13 @@ class DASConfig:
         if self.lookup_us_per_request == LOOKUP_MEASURED:
             return None
         return float(self.lookup_us_per_request) * 1e-6
+
+    @property
+    def spec_factor(self) -> float:
+        """``max_spec_factor`` as a number (``"auto"`` resolved by ``policy``)."""
+        if self.max_spec_factor == SPEC_FACTOR_AUTO:
+            return COST_MODEL_SPEC_FACTOR if self.policy == "cost_model" else 1.0
+        return float(self.max_spec_factor)
 
     @property
     def num_lookup_threads(self) -> int:

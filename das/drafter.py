@@ -115,6 +115,11 @@ class AcceptanceCalibration:
     ones and the first rejected one). A bucket with little data shrinks toward its source's
     overall factor, and that toward 1. Sums decay every step, so buckets that stopped being
     drafted drift back and get explored again.
+
+    A draft longer than its match (``max_spec_factor`` > 1) continues past what the match
+    vouches for; its positions from the match length on have factors of their own
+    (:meth:`beyond_factors`), estimated the same way and shrunk toward the bucket's factor.
+    With drafts no longer than their matches those sums stay 0 and nothing changes.
     """
 
     def __init__(self, num_sources: int, prior: float = 8.0, decay: float = 0.5) -> None:
@@ -122,6 +127,9 @@ class AcceptanceCalibration:
         self.decay = decay
         self.accepted = np.zeros((num_sources, NUM_MATCH_BUCKETS))
         self.expected = np.zeros((num_sources, NUM_MATCH_BUCKETS))
+        # The same sums for the draft positions at or past the match length.
+        self.accepted_beyond = np.zeros((num_sources, NUM_MATCH_BUCKETS))
+        self.expected_beyond = np.zeros((num_sources, NUM_MATCH_BUCKETS))
 
     def factors(self) -> np.ndarray:
         """[source, bucket] multipliers of conditional draft-token probabilities."""
@@ -130,14 +138,34 @@ class AcceptanceCalibration:
         )
         return (self.accepted + self.prior * per_source[:, None]) / (self.expected + self.prior)
 
+    def beyond_factors(self, factors: np.ndarray) -> np.ndarray:
+        """[source, bucket] multipliers for draft positions past the match length, shrunk
+        toward ``factors`` (those of :meth:`factors`)."""
+        return (self.accepted_beyond + self.prior * factors) / (self.expected_beyond + self.prior)
+
+    def position_factors(
+        self,
+        factors: np.ndarray,
+        beyond: np.ndarray,
+        sources: np.ndarray,
+        buckets: np.ndarray,
+        match_lens: np.ndarray,
+        width: int,
+    ) -> np.ndarray:
+        """[rows, width] factor of each draft position: the row's (source, bucket) factor
+        before its match length, its beyond factor from there on."""
+        past = np.arange(width)[None, :] >= match_lens[:, None]
+        return np.where(past, beyond[sources, buckets][:, None], factors[sources, buckets][:, None])
+
     def calibrate(self, probs: np.ndarray, factors: np.ndarray) -> np.ndarray:
         """[rows, K] calibrated cumulative probabilities from raw conditional ``probs`` (0 past
-        each draft) and one factor per row."""
-        return np.cumprod(np.minimum(probs * factors[:, None], 1.0), axis=1)
+        each draft) and one factor per row (1-D) or per position (2-D)."""
+        per_position = factors if factors.ndim == 2 else factors[:, None]
+        return np.cumprod(np.minimum(probs * per_position, 1.0), axis=1)
 
     def new_step(self) -> None:
-        self.accepted *= self.decay
-        self.expected *= self.decay
+        for sums in (self.accepted, self.expected, self.accepted_beyond, self.expected_beyond):
+            sums *= self.decay
 
 
 @dataclass
@@ -258,6 +286,9 @@ class DASDrafter:
             self.config.use_own_context,
         )
         self._enabled_sources = [i for i, on in enumerate(enabled) if on]
+        # Whether a draft may be longer than its match (then its positions past the match are
+        # calibrated apart: AcceptanceCalibration.beyond_factors).
+        self._drafts_pass_matches = self.config.spec_factor > 1.0
 
     # ------------------------------------------------------------------------ lifecycle
     def begin_step(self, step: int | None = None) -> int:
@@ -382,8 +413,13 @@ class DASDrafter:
                 for row, (a, n) in enumerate(zip(accepted.tolist(), num.tolist(), strict=True))
             ]
         )
-        np.add.at(self.calibration.accepted, (sources, buckets), accepted)
-        np.add.at(self.calibration.expected, (sources, buckets), expected)
+        within_accepted, within_expected = accepted, expected
+        if self._drafts_pass_matches:
+            within_accepted, within_expected = self._score_past_matches(
+                drafts, sources, buckets, accepted, expected
+            )
+        np.add.at(self.calibration.accepted, (sources, buckets), within_accepted)
+        np.add.at(self.calibration.expected, (sources, buckets), within_expected)
         if self.record_reliability:
             self.reliability.record_rows(predicted, num, accepted)
         self.stats.num_accepted_tokens += int(accepted.sum())
@@ -396,6 +432,43 @@ class DASDrafter:
         for request in scored:
             request.pending = None
         return int(accepted.sum())
+
+    def _score_past_matches(
+        self,
+        drafts: DraftBatch,
+        sources: np.ndarray,
+        buckets: np.ndarray,
+        accepted: np.ndarray,
+        expected: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Adds the tried positions at or past each draft's match length to the calibration's
+        beyond sums; returns the accepted tokens and raw probability mass of those before it.
+
+        A tried position is an accepted one or the first rejected one, so a draft reaches past
+        its match length m only if it had at least m tokens accepted.
+        """
+        match = drafts.match_lens
+        tried = np.minimum(accepted + 1, drafts.num_tokens)
+        past = np.flatnonzero(tried > match)
+        if not past.size:
+            return accepted, expected
+        past_accepted = accepted[past] - match[past]
+        past_expected = np.array(
+            [
+                drafts.probs[row, start:end].sum()
+                for row, start, end in zip(
+                    past.tolist(), match[past].tolist(), tried[past].tolist(), strict=True
+                )
+            ]
+        )
+        index = (sources[past], buckets[past])
+        np.add.at(self.calibration.accepted_beyond, index, past_accepted)
+        np.add.at(self.calibration.expected_beyond, index, past_expected)
+        within_accepted = accepted.copy()
+        within_accepted[past] -= past_accepted
+        within_expected = expected.copy()
+        within_expected[past] -= past_expected
+        return within_accepted, within_expected
 
     def finish_request(
         self,
@@ -533,7 +606,8 @@ class DASDrafter:
         # Row n * rows + i of the lookup: request i's draft from source enabled[n].
         source_of_row = np.repeat(enabled, rows)
         factors = self.calibration.factors()
-        row_factors = factors[source_of_row, match_bucket(looked_up.match_lens)]
+        beyond = self.calibration.beyond_factors(factors) if self._drafts_pass_matches else None
+        row_factors = self._draft_factors(factors, beyond, source_of_row, looked_up)
         scores = np.full((len(SOURCES), rows), -1.0)
         scores[enabled] = self._calibrated(looked_up, row_factors).sum(axis=1).reshape(-1, rows)
         batches: list[DraftBatch | None] = [None] * len(SOURCES)
@@ -545,7 +619,7 @@ class DASDrafter:
         drafts = looked_up.rows(position[chosen] * rows + np.arange(rows)).widened(k)
         buckets = match_bucket(drafts.match_lens)
         # Calibrated cumulative acceptance probabilities: what the policy decides from.
-        predicted = self._calibrated(drafts, factors[chosen, buckets])
+        predicted = self._calibrated(drafts, self._draft_factors(factors, beyond, chosen, drafts))
         cumulative = predicted
         if self.config.calibrate and self.config.reliability_calibration:
             cumulative = self.reliability.apply(predicted)
@@ -608,7 +682,7 @@ class DASDrafter:
             np.tile(context_slots, len(enabled)),
             np.tile(caps, len(enabled)),
             min_token_prob=self.config.min_token_prob,
-            max_spec_factor=self.config.max_spec_factor,
+            max_spec_factor=self.config.spec_factor,
             threads=self._lookup_threads,
             match_slots=match_slots,
         )
@@ -621,6 +695,22 @@ class DASDrafter:
 
     def _length_class(self, request: _Request) -> LengthClass:
         return self._class_of.get(request.prompt_key, self.length_classes.unknown_class)
+
+    def _draft_factors(
+        self,
+        factors: np.ndarray,
+        beyond: np.ndarray | None,
+        sources: np.ndarray,
+        batch: DraftBatch,
+    ) -> np.ndarray:
+        """The calibration factors of ``batch``'s drafts from ``sources``: one per row, or one
+        per position where drafts may outrun their matches (``beyond`` given)."""
+        buckets = match_bucket(batch.match_lens)
+        if beyond is None:
+            return factors[sources, buckets]
+        return self.calibration.position_factors(
+            factors, beyond, sources, buckets, batch.match_lens, batch.probs.shape[1]
+        )
 
     def _calibrated(self, batch: DraftBatch, row_factors: np.ndarray) -> np.ndarray:
         if not self.config.calibrate:

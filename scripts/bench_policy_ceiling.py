@@ -20,6 +20,10 @@ model, next to the baselines the targets are stated against:
   DAS sources (prompt history, global tree, own text), that the trace accepts furthest: the
   ceiling of any rule for choosing among those drafts, with any budget policy.
 
+Every DAS drafter here drafts with the cost-model policy's ``max_spec_factor``
+(:attr:`das.config.DASConfig.spec_factor`), so that ``das_fixed`` and the oracles choose among
+the drafts the policy sees.
+
 It prints, per method, the iterations and modelled time of steps 2.. against ``none`` (and the
 time against ``suffix_global``), the slowest request of each step, and writes JSON (and with
 ``--plot`` a bar chart). Iterations are exact under the replay's acceptance model (a draft
@@ -116,7 +120,10 @@ def replay_method(
         view = None
     elif method in ("suffix_global", "das_fixed", "das_policy", "oracle_drafts"):
         name = {"das_policy": "das_cost_model", "oracle_drafts": "das_fixed"}.get(method, method)
-        view = TraceView(methods.build_drafter(name, plan, k), cut_drafts=method == "oracle_drafts")
+        factor = {} if method == "suffix_global" else {"max_spec_factor": settings.spec_factor}
+        view = TraceView(
+            methods.build_drafter(name, plan, k, **factor), cut_drafts=method == "oracle_drafts"
+        )
     elif method == "makespan_predicted":
 
         def predicted(batch: BatchView) -> np.ndarray:
@@ -124,7 +131,7 @@ def replay_method(
 
         view = TraceView(DASDrafter(settings, policy=MakespanPolicy(plan, k, predicted), cost=plan))
     elif method == "oracle_sources":
-        fixed = dataclasses.replace(settings, policy="fixed")
+        fixed = dataclasses.replace(settings, policy="fixed", max_spec_factor=settings.spec_factor)
         view = TraceView(OracleSourceDrafter(fixed), cut_drafts=True)
     elif method == "makespan_oracle":
         view = TraceView(DASDrafter(settings, cost=plan))

@@ -253,6 +253,9 @@ def test_calibration_learns_that_a_source_is_not_accepted():
         ({"max_draft_batch": 2.5}, "max_draft_batch=2.5"),
         ({"lookup_us_per_request": -1.0}, "lookup_us_per_request=-1.0"),
         ({"lookup_us_per_request": "fast"}, "lookup_us_per_request='fast'"),
+        ({"max_spec_factor": "long"}, "max_spec_factor='long'"),
+        ({"max_spec_factor": 0}, "max_spec_factor=0"),
+        ({"max_spec_factor": True}, "max_spec_factor=True"),
     ],
 )
 def test_config_errors_name_the_key(bad, message):
@@ -299,6 +302,50 @@ def test_calibration_compares_acceptance_with_the_raw_tree_probabilities():
     drafter.extend_request(1, [draft[0], 99])
     tried = proposal.drafts.probs[0, :2].sum()
     assert drafter.calibration.expected[own, bucket] - before == pytest.approx(tried)
+
+
+@pytest.mark.parametrize(("policy", "draft"), [("cost_model", [2, 3]), ("fixed", [2])])
+def test_by_default_only_the_cost_model_policy_drafts_past_a_match(policy, draft):
+    """max_spec_factor "auto": a one-token match drafts two tokens for the cost-model policy,
+    whose budgets weigh each position, and one (vLLM's suffix default) for the others."""
+    drafter = DASDrafter(DASConfig(use_global_tree=False, use_prompt_history=False, policy=policy))
+    drafter.begin_step(1)
+    drafter.start_request(1, [1, 2, 3, 4, 5, 6, 7, 8, 1])  # ends with a one-token match
+    assert drafter.propose([1]).draft_tokens() == [draft]
+
+
+def test_draft_positions_past_the_match_are_calibrated_apart():
+    """With max_spec_factor 4, a one-token match drafts four tokens. A target that always
+    accepts the first (within the match) and rejects the second (past it) must raise the first
+    position's prediction and lower the next one's; one factor for the whole draft would lower
+    both (the first to about 0.34 here)."""
+    drafter = DASDrafter(
+        DASConfig(
+            use_global_tree=False,
+            use_prompt_history=False,
+            num_speculative_tokens=8,
+            max_spec_factor=4.0,
+            min_token_prob=0.0,
+        )
+    )
+    drafter.begin_step(1)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 1]  # ends with a one-token match: 1 -> 2, 3, 4, 5
+    own = SOURCES.index("own")
+    for rid in range(30):
+        drafter.start_request(rid, prompt)
+        proposal = drafter.propose([rid])
+        assert proposal.draft_tokens()[0] == [2, 3, 4, 5]
+        assert proposal.drafts.match_lens[0] == 1
+        drafter.extend_request(rid, [2, 99])
+        drafter.finish_request(rid, "stop")
+    assert drafter.calibration.accepted_beyond[own, 0] == 0
+    assert drafter.calibration.expected_beyond[own, 0] > 0
+    drafter.start_request("last", prompt)
+    drafter.propose(["last"])
+    predicted = drafter._requests["last"].pending_cumulative
+    # Raw conditional probabilities: 1/2 for the first token (two 1s, one continued), then 1.
+    assert predicted[0] > 0.8
+    assert predicted[1] < 0.5 * predicted[0]
 
 
 def test_stats_count_drafts_and_acceptance_per_length_class():

@@ -196,7 +196,9 @@ def run_step(engine: FakeEngine, step_name: str, samples: int = 2, **extra: obje
 
 
 def test_cost_model_policy_observes_step_times_with_fake_runner_and_clock() -> None:
-    proposer = make_proposer(policy="cost_model")
+    # Drafts no longer than their matches: this small workload's steps then process the four
+    # distinct token counts the fitter needs before its first fit.
+    proposer = make_proposer(policy="cost_model", max_spec_factor=1.0)
     engine = FakeEngine(proposer)
     for name in "abc":
         run_step(engine, name)

@@ -21,9 +21,10 @@ LOOKUP_MEASURED = "auto"
 # MAX_AUTO_LOOKUP_THREADS": an engine host runs other workers and the engine's own threads.
 LOOKUP_THREADS_AUTO = "auto"
 MAX_AUTO_LOOKUP_THREADS = 4
-# max_spec_factor's value for "by policy": COST_MODEL_SPEC_FACTOR with the cost-model policy,
-# whose budgets weigh every draft position by its calibrated probability, and 1 (vLLM's suffix
-# method's default) with the others, for which the match length is the only guard.
+# max_spec_factor's value for "by policy and step cost": COST_MODEL_SPEC_FACTOR with the
+# cost-model policy while its step cost model has a flat part (knee_tokens > 0, a GPU's decode),
+# where the policy can verify positions past a match for almost nothing; 1 (vLLM's suffix
+# method's default) otherwise, where the match length is the guard.
 SPEC_FACTOR_AUTO = "auto"
 COST_MODEL_SPEC_FACTOR = 2.0
 
@@ -59,9 +60,10 @@ class DASConfig:
         max_spec_factor: a draft continuing a match of m tokens has at most
             ``m * max_spec_factor`` tokens (as vLLM's suffix method): short matches in unseen
             text draft little, where the tree's count ratios are least trustworthy. ``"auto"``
-            (the default): ``COST_MODEL_SPEC_FACTOR`` (2) with the ``cost_model`` policy, which
-            calibrates the positions past a draft's match on their own and budgets from them,
-            1 with the others (see :attr:`spec_factor`).
+            (the default): ``COST_MODEL_SPEC_FACTOR`` (2) with the ``cost_model`` policy while
+            its step cost model is flat for small steps (``knee_tokens`` > 0, as on a GPU);
+            the positions past a draft's match are then calibrated on their own. 1 otherwise
+            (see :meth:`spec_factor_for`).
         calibrate: scale each source's draft probabilities by its observed acceptance
             (accepted / expected tokens over recent drafts) before choosing sources and budgets.
         reliability_calibration: with ``calibrate``, also map each draft's predicted cumulative
@@ -175,10 +177,18 @@ class DASConfig:
 
     @property
     def spec_factor(self) -> float:
-        """``max_spec_factor`` as a number (``"auto"`` resolved by ``policy``)."""
+        """The largest ``max_spec_factor`` this config may draft with (``"auto"``: by
+        ``policy`` alone)."""
         if self.max_spec_factor == SPEC_FACTOR_AUTO:
             return COST_MODEL_SPEC_FACTOR if self.policy == "cost_model" else 1.0
         return float(self.max_spec_factor)
+
+    def spec_factor_for(self, knee_tokens: float | None) -> float:
+        """``max_spec_factor`` for a step whose cost model has ``knee_tokens`` (None: no cost
+        model): ``"auto"`` drafts past matches only where the cost is flat (a knee > 0)."""
+        if self.max_spec_factor == SPEC_FACTOR_AUTO and not (knee_tokens and knee_tokens > 0):
+            return 1.0
+        return self.spec_factor
 
     @property
     def num_lookup_threads(self) -> int:

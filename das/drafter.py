@@ -601,7 +601,8 @@ class DASDrafter:
                 self.stats.num_skipped_batches += 1
                 return _empty_proposal(rows, k)
         context_slots = np.fromiter((r.own_slot for r in requests), np.int64, rows)
-        looked_up = self._look_up(requests, context_slots, caps)
+        spec_factor = self.config.spec_factor_for(None if cost is None else cost.knee_tokens)
+        looked_up = self._look_up(requests, context_slots, caps, spec_factor)
         enabled = self._enabled_sources
         # Row n * rows + i of the lookup: request i's draft from source enabled[n].
         source_of_row = np.repeat(enabled, rows)
@@ -656,7 +657,11 @@ class DASDrafter:
         return Proposal(drafts, sources, budgets)
 
     def _look_up(
-        self, requests: list[_Request], context_slots: np.ndarray, caps: np.ndarray
+        self,
+        requests: list[_Request],
+        context_slots: np.ndarray,
+        caps: np.ndarray,
+        spec_factor: float,
     ) -> DraftBatch:
         """The drafts of ``requests`` from every enabled source's tree, in one lookup: row
         ``n * len(requests) + i`` holds request i's draft from source ``_enabled_sources[n]``."""
@@ -682,7 +687,7 @@ class DASDrafter:
             np.tile(context_slots, len(enabled)),
             np.tile(caps, len(enabled)),
             min_token_prob=self.config.min_token_prob,
-            max_spec_factor=self.config.spec_factor,
+            max_spec_factor=spec_factor,
             threads=self._lookup_threads,
             match_slots=match_slots,
         )

@@ -8,6 +8,7 @@ import pytest
 from das.config import DASConfig
 from das.drafter import SOURCES, DASDrafter
 from policies.budget import BatchView, BudgetPolicy
+from policies.cost_model import StepCostModel
 
 PROMPT_A = [101, 102, 103]
 PROMPT_B = [201, 202, 203]
@@ -304,11 +305,20 @@ def test_calibration_compares_acceptance_with_the_raw_tree_probabilities():
     assert drafter.calibration.expected[own, bucket] - before == pytest.approx(tried)
 
 
-@pytest.mark.parametrize(("policy", "draft"), [("cost_model", [2, 3]), ("fixed", [2])])
-def test_by_default_only_the_cost_model_policy_drafts_past_a_match(policy, draft):
-    """max_spec_factor "auto": a one-token match drafts two tokens for the cost-model policy,
-    whose budgets weigh each position, and one (vLLM's suffix default) for the others."""
-    drafter = DASDrafter(DASConfig(use_global_tree=False, use_prompt_history=False, policy=policy))
+@pytest.mark.parametrize(
+    ("policy", "knee_tokens", "draft"),
+    [("cost_model", 64.0, [2, 3]), ("cost_model", 0.0, [2]), ("fixed", 64.0, [2])],
+)
+def test_by_default_only_the_cost_model_policy_drafts_past_a_match_where_steps_are_flat(
+    policy, knee_tokens, draft
+):
+    """max_spec_factor "auto": a one-token match drafts two tokens for the cost-model policy
+    while its step cost is flat for small steps (a GPU's), one (vLLM's suffix default) on a
+    cost that charges every token (a CPU's) and for the other policies."""
+    cost = StepCostModel(c_base=0.01, c_tok=1e-5, knee_tokens=knee_tokens)
+    drafter = DASDrafter(
+        DASConfig(use_global_tree=False, use_prompt_history=False, policy=policy), cost=cost
+    )
     drafter.begin_step(1)
     drafter.start_request(1, [1, 2, 3, 4, 5, 6, 7, 8, 1])  # ends with a one-token match
     assert drafter.propose([1]).draft_tokens() == [draft]

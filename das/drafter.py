@@ -286,8 +286,9 @@ class DASDrafter:
             self.config.use_own_context,
         )
         self._enabled_sources = [i for i, on in enumerate(enabled) if on]
-        # Whether a draft may be longer than its match (then its positions past the match are
-        # calibrated apart: AcceptanceCalibration.beyond_factors).
+        # Whether any draft may be longer than its match (then verified positions past the match
+        # are scored apart: AcceptanceCalibration.beyond_factors); each propose call decides
+        # from its cost model whether its own drafts may (DASConfig.spec_factor_for).
         self._drafts_pass_matches = self.config.spec_factor > 1.0
 
     # ------------------------------------------------------------------------ lifecycle
@@ -607,8 +608,11 @@ class DASDrafter:
         # Row n * rows + i of the lookup: request i's draft from source enabled[n].
         source_of_row = np.repeat(enabled, rows)
         factors = self.calibration.factors()
-        beyond = self.calibration.beyond_factors(factors) if self._drafts_pass_matches else None
-        row_factors = self._draft_factors(factors, beyond, source_of_row, looked_up)
+        # Positions past a match exist only where this call's drafts may outrun their matches.
+        beyond = self.calibration.beyond_factors(factors) if spec_factor > 1.0 else None
+        row_factors = self._draft_factors(
+            factors, beyond, source_of_row, match_bucket(looked_up.match_lens), looked_up
+        )
         scores = np.full((len(SOURCES), rows), -1.0)
         scores[enabled] = self._calibrated(looked_up, row_factors).sum(axis=1).reshape(-1, rows)
         batches: list[DraftBatch | None] = [None] * len(SOURCES)
@@ -620,7 +624,9 @@ class DASDrafter:
         drafts = looked_up.rows(position[chosen] * rows + np.arange(rows)).widened(k)
         buckets = match_bucket(drafts.match_lens)
         # Calibrated cumulative acceptance probabilities: what the policy decides from.
-        predicted = self._calibrated(drafts, self._draft_factors(factors, beyond, chosen, drafts))
+        predicted = self._calibrated(
+            drafts, self._draft_factors(factors, beyond, chosen, buckets, drafts)
+        )
         cumulative = predicted
         if self.config.calibrate and self.config.reliability_calibration:
             cumulative = self.reliability.apply(predicted)
@@ -706,11 +712,12 @@ class DASDrafter:
         factors: np.ndarray,
         beyond: np.ndarray | None,
         sources: np.ndarray,
+        buckets: np.ndarray,
         batch: DraftBatch,
     ) -> np.ndarray:
-        """The calibration factors of ``batch``'s drafts from ``sources``: one per row, or one
-        per position where drafts may outrun their matches (``beyond`` given)."""
-        buckets = match_bucket(batch.match_lens)
+        """The calibration factors of ``batch``'s drafts from ``sources`` (match-length
+        ``buckets``): one per row, or one per position where drafts may outrun their matches
+        (``beyond`` given)."""
         if beyond is None:
             return factors[sources, buckets]
         return self.calibration.position_factors(

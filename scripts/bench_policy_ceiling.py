@@ -20,9 +20,9 @@ model, next to the baselines the targets are stated against:
   DAS sources (prompt history, global tree, own text), that the trace accepts furthest: the
   ceiling of any rule for choosing among those drafts, with any budget policy.
 
-Every DAS drafter here drafts with the cost-model policy's ``max_spec_factor``
-(:attr:`das.config.DASConfig.spec_factor`), so that ``das_fixed`` and the oracles choose among
-the drafts the policy sees.
+Every DAS drafter here drafts with the ``max_spec_factor`` the cost-model policy uses under the
+cost model given (:meth:`das.config.DASConfig.spec_factor_for`), so that ``das_fixed`` and the
+oracles choose among the drafts the policy sees.
 
 It prints, per method, the iterations and modelled time of steps 2.. against ``none`` (and the
 time against ``suffix_global``), the slowest request of each step, and writes JSON (and with
@@ -116,11 +116,12 @@ def replay_method(
     """
     plan = policy_cost_model(cost)
     settings = DASConfig(num_speculative_tokens=k, policy="cost_model")
+    spec_factor = settings.spec_factor_for(plan.knee_tokens)  # what das_policy drafts with
     if method == "none":
         view = None
     elif method in ("suffix_global", "das_fixed", "das_policy", "oracle_drafts"):
         name = {"das_policy": "das_cost_model", "oracle_drafts": "das_fixed"}.get(method, method)
-        factor = {} if method == "suffix_global" else {"max_spec_factor": settings.spec_factor}
+        factor = {} if method == "suffix_global" else {"max_spec_factor": spec_factor}
         view = TraceView(
             methods.build_drafter(name, plan, k, **factor), cut_drafts=method == "oracle_drafts"
         )
@@ -131,7 +132,7 @@ def replay_method(
 
         view = TraceView(DASDrafter(settings, policy=MakespanPolicy(plan, k, predicted), cost=plan))
     elif method == "oracle_sources":
-        fixed = dataclasses.replace(settings, policy="fixed", max_spec_factor=settings.spec_factor)
+        fixed = dataclasses.replace(settings, policy="fixed", max_spec_factor=spec_factor)
         view = TraceView(OracleSourceDrafter(fixed), cut_drafts=True)
     elif method == "makespan_oracle":
         view = TraceView(DASDrafter(settings, cost=plan))

@@ -35,7 +35,10 @@ class DASConfig:
 
     Attributes:
         num_speculative_tokens: upper bound on draft tokens per request per step (vLLM's K).
-        max_depth: depth bound of every suffix tree (longest match plus draft).
+        max_depth: depth bound of every suffix tree (longest match plus draft). A draft of at
+            most ``f`` times its match is at most ``max_depth * f / (1 + f)`` tokens (16 at 24
+            with the cost-model policy's factor 2), so a ``num_speculative_tokens`` above that
+            needs a deeper tree to be used.
         window_appearances: a prompt's history keeps its rollouts from its last
             ``window_appearances`` appearances (steps in which it was sampled), however many
             steps lie between them: with a large dataset a prompt returns once per epoch.

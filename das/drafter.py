@@ -406,18 +406,14 @@ class DASDrafter:
             n = min(k, produced[i].size)
             truth[row, :n] = produced[i][:n]
         accepted = np.cumprod(np.where(within, drafts.tokens, -1) == truth, axis=1).sum(axis=1)
-        # Raw probability mass of the positions tried: the accepted ones and the first reject.
+        # The positions tried, the accepted ones and the first reject, and their raw mass.
+        tried = np.minimum(accepted + 1, num)
         probs = drafts.probs
-        expected = np.array(
-            [
-                probs[row, : min(a + 1, n)].sum()
-                for row, (a, n) in enumerate(zip(accepted.tolist(), num.tolist(), strict=True))
-            ]
-        )
+        expected = np.array([probs[row, :t].sum() for row, t in enumerate(tried.tolist())])
         within_accepted, within_expected = accepted, expected
         if self._drafts_pass_matches:
             within_accepted, within_expected = self._score_past_matches(
-                drafts, sources, buckets, accepted, expected
+                drafts, sources, buckets, accepted, expected, tried
             )
         np.add.at(self.calibration.accepted, (sources, buckets), within_accepted)
         np.add.at(self.calibration.expected, (sources, buckets), within_expected)
@@ -441,15 +437,15 @@ class DASDrafter:
         buckets: np.ndarray,
         accepted: np.ndarray,
         expected: np.ndarray,
+        tried: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Adds the tried positions at or past each draft's match length to the calibration's
         beyond sums; returns the accepted tokens and raw probability mass of those before it.
 
-        A tried position is an accepted one or the first rejected one, so a draft reaches past
-        its match length m only if it had at least m tokens accepted.
+        The first ``tried`` positions of a draft are its accepted ones and the first rejected
+        one, so a draft reaches past its match length m only if it had at least m accepted.
         """
         match = drafts.match_lens
-        tried = np.minimum(accepted + 1, drafts.num_tokens)
         past = np.flatnonzero(tried > match)
         if not past.size:
             return accepted, expected

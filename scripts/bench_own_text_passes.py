@@ -6,8 +6,8 @@ request's passes. This replays every request by itself, greedy verification agai
 with drafts from its own text (prompt and tokens so far) only:
 
 * ``tree_D``: a suffix tree of depth D over the request's text (DAS's own-text tree: the most
-  frequent continuation of the longest useful match, at most ``K`` tokens and ``max_spec_factor``
-  times the match, and match plus draft within D);
+  frequent continuation of the match length whose draft scores best, at most ``K`` tokens and
+  ``--spec-factor`` times the match, and match plus draft within D);
 * ``recent``: the continuation of the most recent earlier occurrence of the longest suffix
   (up to 24 tokens) that occurred before, with the same limits and no depth bound.
 

@@ -26,7 +26,7 @@ test-fast: setup
 # The tree against its oracle with numba's JIT off: the kernels as plain Python.
 test-nojit: setup
 	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -q tests/test_suffix_tree.py tests/test_suffix_forest.py \
-		tests/test_suffix_matches_along.py
+		tests/test_suffix_matches_along.py tests/test_suffix_known_continuation.py
 
 test-slow: setup
 	$(PY) -m pytest -m slow -q

@@ -13,6 +13,7 @@ import numpy as np
 
 from suffix_tree import _draft_kernels as D
 from suffix_tree import _kernels as K
+from suffix_tree import _tree_draft_kernels as T
 from suffix_tree._state import FIELDS, ForestState, array_addresses, entry_point
 from suffix_tree.draft import Draft, DraftBatch
 from suffix_tree.validation import check_positive_int, check_probability, to_token_array
@@ -453,6 +454,147 @@ class SuffixForest:
         for future in pending:
             future.result()
         return batch
+
+    def known_continuations(
+        self,
+        roots: np.ndarray,
+        context_slots: np.ndarray,
+        continuations: np.ndarray,
+        continuation_lens: np.ndarray,
+        max_tokens: np.ndarray,
+        max_spec_factor: float | None = None,
+        match_slots: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Row i: how many leading tokens of ``continuations[i, :continuation_lens[i]]`` the tree
+        ``roots[i]`` holds right after some suffix of the context :meth:`speculate_many` would
+        use for the row, and after which match length (ties: the longer).
+
+        Where a greedy draft follows the most frequent child, this follows the given tokens
+        through any child, within the bounds a draft from each match keeps (``max_tokens[i]``,
+        ``max_spec_factor`` times the match, depth ``max_depth``): given what the target will
+        produce, the furthest any draft from the tree, linear or tree-shaped, can be accepted.
+        Returns (lengths, match lengths), int64 arrays of one entry per row.
+        """
+        max_tokens = np.ascontiguousarray(max_tokens, dtype=np.int64)
+        roots, context_slots, match_slots, continuations, continuation_lens = self._scored_rows(
+            roots, context_slots, match_slots, continuations, continuation_lens, max_tokens
+        )
+        rows = roots.shape[0]
+        factor = _NO_FACTOR_LIMIT if max_spec_factor is None else float(max_spec_factor)
+        lengths = np.zeros(rows, np.int64)
+        matches = np.zeros(rows, np.int64)
+        T.known_continuation_rows(
+            self._state,
+            roots,
+            context_slots,
+            match_slots,
+            continuations,
+            continuation_lens,
+            max_tokens,
+            factor,
+            lengths,
+            matches,
+        )
+        return lengths, matches
+
+    def tree_drafts(
+        self,
+        roots: np.ndarray,
+        context_slots: np.ndarray,
+        truths: np.ndarray,
+        truth_lens: np.ndarray,
+        max_nodes: int,
+        max_path: int,
+        max_spec_factor: float | None = None,
+        match_slots: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Row i: a tree-shaped draft for the context :meth:`speculate_many` would use, scored
+        against the tokens the target produces next, ``truths[i, :truth_lens[i]]``.
+
+        For each match length m of the context, the draft tree holds the ``max_nodes`` most
+        probable positions below the match (a position's probability: the product of its
+        path's count ratios), paths at most ``min(max_path, m * max_spec_factor, max_depth -
+        m)`` deep; the match whose tree's probabilities sum highest wins (ties: the longer).
+        The nodes come best first, so its first j nodes are the best tree of j nodes.
+
+        Returns ``cumulative[rows, max_nodes]`` (each node's probability, in that order),
+        ``accepted[rows, max_nodes]`` (how far the truth runs through the first j + 1 nodes:
+        what a pass verifying them accepts), the number of nodes and the match length per row.
+        The truth scores the trees; it never shapes them.
+        """
+        max_nodes = check_positive_int(max_nodes, "max_nodes")
+        max_path = check_positive_int(max_path, "max_path")
+        roots, context_slots, match_slots, truths, truth_lens = self._scored_rows(
+            roots, context_slots, match_slots, truths, truth_lens
+        )
+        rows = roots.shape[0]
+        factor = _NO_FACTOR_LIMIT if max_spec_factor is None else float(max_spec_factor)
+        cumulative = np.zeros((rows, max_nodes))
+        accepted = np.zeros((rows, max_nodes), np.int64)
+        num = np.zeros(rows, np.int64)
+        matches = np.zeros(rows, np.int64)
+        T.best_first_tree_rows(
+            self._state,
+            roots,
+            context_slots,
+            match_slots,
+            truths,
+            truth_lens,
+            max_nodes,
+            max_path,
+            factor,
+            cumulative,
+            accepted,
+            num,
+            matches,
+        )
+        return cumulative, accepted, num, matches
+
+    def _scored_rows(
+        self,
+        roots: np.ndarray,
+        context_slots: np.ndarray,
+        match_slots: np.ndarray | None,
+        truths: np.ndarray,
+        truth_lens: np.ndarray,
+        max_tokens: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, ...]:
+        """The rows of :meth:`known_continuations` / :meth:`tree_drafts` as the kernels take
+        them, checked (``ValueError`` naming the value)."""
+        roots = np.ascontiguousarray(roots, dtype=np.int64)
+        context_slots = np.ascontiguousarray(context_slots, dtype=np.int64)
+        truths = np.ascontiguousarray(truths, dtype=np.int32)
+        truth_lens = np.ascontiguousarray(truth_lens, dtype=np.int64)
+        match_slots = (
+            np.full_like(context_slots, -1)
+            if match_slots is None
+            else np.ascontiguousarray(match_slots, dtype=np.int64)
+        )
+        rows = roots.shape[0]
+        budgets = np.zeros(rows, np.int64) if max_tokens is None else max_tokens
+        if roots.ndim != 1 or any(
+            a.shape != (rows,) for a in (context_slots, match_slots, budgets)
+        ):
+            raise ValueError(
+                "roots, context_slots, match_slots and max_tokens must have one entry per row"
+            )
+        if truths.ndim != 2 or truths.shape[0] != rows:
+            raise ValueError(f"continuations of shape {truths.shape} must have {rows} rows")
+        if truth_lens.shape != (rows,) or np.any((truth_lens < 0) | (truth_lens > truths.shape[1])):
+            raise ValueError(
+                f"continuation_lens={truth_lens!r} must give one length per row, "
+                f"each within 0..{truths.shape[1]}"
+            )
+        status, _ = D.check_lookup_rows(
+            self._seq_alive, self._nodes.shape[0], roots, context_slots, match_slots, budgets
+        )
+        if status != D.LOOKUP_OK:
+            raise ValueError(
+                f"lookup rows refused (status {status}): roots={roots!r}, "
+                f"context_slots={context_slots!r}, match_slots={match_slots!r}, "
+                f"max_tokens={budgets!r}"
+            )
+        return roots, context_slots, match_slots, truths, truth_lens
 
     def _thread_states(self, count: int) -> list[ForestState]:
         """``count`` kernel records of the current arrays, the first the forest's own, each

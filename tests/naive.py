@@ -4,6 +4,12 @@ Semantics it pins down (and the numba tree must match):
 * count(P) = number of (sequence, start) with sequence[start:start+len(P)] == P, len(P) <= depth.
 * The continuation of P is the token t maximising count(P + t), ties to the smallest token,
   with conditional probability count(P + t) / count(P); only while len(P + t) <= depth.
+* known_continuation: the longest prefix P' of a given continuation with count(S + P') > 0 for
+  some suffix S of the context that occurs (len(S) = m), within the bounds of a draft from S
+  (the budget, m * max_spec_factor, len(S + P') <= depth); ties go to the longer match.
+* tree_draft: for each match length m, every position below the match within the bounds of a
+  draft from it, each with the product of its path's count ratios; the ``max_nodes`` most
+  probable form the tree, and the match whose tree sums highest wins (ties: the longer).
 * speculate tries every match length m = 1..min(len(context), depth) while the last m context
   tokens occur, walks the greedy continuation (stopping at the budget, when the cumulative
   probability drops below min_token_prob, or at depth), and keeps the best score (sum of
@@ -95,4 +101,69 @@ class NaiveSuffixForest:
                 best = (tokens, probs, score, m)
         if best[2] < 0:
             return [], [], 0.0, 0
+        return best
+
+    def known_continuation(
+        self,
+        context: Sequence[int],
+        continuation: Sequence[int],
+        max_tokens: int,
+        tree: Hashable = 0,
+        max_spec_factor: float | None = None,
+    ) -> tuple[int, int]:
+        """(how many leading tokens of ``continuation`` the tree holds, the match length)."""
+        context = [int(t) for t in context][-self.max_depth :]
+        continuation = [int(t) for t in continuation]
+        best = (0, 0)
+        for m in range(1, len(context) + 1):
+            pattern = context[len(context) - m :]
+            if self.count(pattern, tree) == 0:
+                break
+            cap = min(max_tokens, len(continuation), self.max_depth - m)
+            if max_spec_factor is not None:
+                cap = min(cap, int(m * max_spec_factor + 1e-6))
+            held = 0
+            while held < cap and self.count(pattern + continuation[: held + 1], tree) > 0:
+                held += 1
+            if held > 0 and held >= best[0]:
+                best = (held, m)
+        return best
+
+    def tree_draft(
+        self,
+        context: Sequence[int],
+        max_nodes: int,
+        max_path: int,
+        tree: Hashable = 0,
+        max_spec_factor: float | None = None,
+    ) -> tuple[list[tuple[float, list[int]]], int]:
+        """(every position below the winning match as (probability, path below the match),
+        most probable first, of which the first ``max_nodes`` form the tree; the match
+        length); ([], 0) without a match."""
+        context = [int(t) for t in context][-self.max_depth :]
+        best: tuple[list[tuple[float, list[int]]], int] = ([], 0)
+        best_sum = -1.0
+        for m in range(1, len(context) + 1):
+            pattern = context[len(context) - m :]
+            if self.count(pattern, tree) == 0:
+                break
+            cap = min(max_path, self.max_depth - m)
+            if max_spec_factor is not None:
+                cap = min(cap, int(m * max_spec_factor + 1e-6))
+            positions: list[tuple[float, list[int]]] = []
+            frontier = [(1.0, [])]
+            while frontier:
+                cumulative, path = frontier.pop()
+                if len(path) >= cap:
+                    continue
+                parent = self.count(pattern + path, tree)
+                for token, count in self.children(pattern + path, tree).items():
+                    child = (cumulative * (count / parent), [*path, token])
+                    positions.append(child)
+                    frontier.append(child)
+            positions.sort(key=lambda item: -item[0])
+            chosen = positions[:max_nodes]
+            total = sum(p for p, _ in chosen)  # in the kernel's order: most probable first
+            if chosen and total >= best_sum:
+                best, best_sum = (positions, m), total
         return best

@@ -1,0 +1,355 @@
+"""numba kernels for tree-shaped drafts: several branches below a match, verified in one pass
+(the linear drafts are ``_draft_kernels``', whose match state these reuse; the layout and
+invariants are ``_kernels``').
+
+A greedy draft follows one path below its match, the most frequent child at each node. A
+tree-shaped draft may hold any nodes below the match that form a subtree of it; a pass that
+verifies it accepts the longest of its paths that the target produces.
+
+* :func:`known_continuation_rows`: given the tokens the target will produce, the longest prefix
+  of them the tree holds after some suffix of the context, within the bounds every draft keeps
+  (budget, ``max_spec_factor`` times the match, depth): how far any draft from this tree, of
+  any shape, can be accepted.
+* :func:`best_first_tree_rows`: the draft tree of the most probable nodes below a match (each
+  node's probability: the product of its path's count ratios), and how far the target's
+  tokens run through each of its prefixes in that order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from suffix_tree._draft_kernels import (
+    W_MATCH_IMPLICIT,
+    W_MATCH_NODE,
+    _match_lengths,
+    _match_lengths_along,
+)
+from suffix_tree._kernels import (
+    F_COUNT,
+    F_FIRST_CHILD,
+    F_NEXT_SIBLING,
+    F_REF_POS,
+    F_REF_SEQ,
+    F_TOKEN,
+    _is_chain_head,
+    find_child,
+)
+
+
+@njit(cache=True)
+def _descend(state, root, node, implicit, token):
+    """One token down from a position of the tree (``node``, ``implicit`` tokens below it on a
+    chain head's implicit path), as :func:`~suffix_tree._draft_kernels.match_context` steps.
+    Returns the new position, or (-1, 0) where the tree holds no such continuation."""
+    if implicit == 0:
+        child = find_child(state, node, token)
+        if child >= 0:
+            return np.int64(child), np.int64(0)
+        if not _is_chain_head(state.nodes, node, root):
+            return np.int64(-1), np.int64(0)
+    ref_seq = state.nodes[node, F_REF_SEQ]
+    pos = state.nodes[node, F_REF_POS] + implicit
+    if (
+        ref_seq < 0
+        or pos >= state.seq_len[ref_seq]
+        or state.pool[state.seq_start[ref_seq] + pos] != token
+    ):
+        return np.int64(-1), np.int64(0)
+    return np.int64(node), np.int64(implicit + 1)
+
+
+@njit(cache=True)
+def known_continuation_rows(
+    state,
+    roots,
+    context_slots,
+    match_slots,
+    continuations,
+    continuation_lens,
+    max_tokens,
+    max_spec_factor,
+    out_len,
+    out_match,
+):
+    """Row i: the longest prefix of ``continuations[i, :continuation_lens[i]]`` that the tree at
+    ``roots[i]`` holds right after some suffix of the context (the last ``max_depth`` tokens of
+    sequence ``context_slots[i]``, matches read off ``match_slots[i]`` as
+    :func:`~suffix_tree._draft_kernels.speculate_rows` does), to ``out_len[i]``, and the match
+    length it follows, to ``out_match[i]`` (ties: the longer match).
+
+    From a match of length m the prefix keeps the bounds of a draft from that match: at most
+    ``min(max_tokens[i], m * max_spec_factor)`` tokens, and m plus the prefix at most
+    ``max_depth``. A negative root, a budget of 0 or an empty context gives 0. Reads only (and
+    the match work space ``walks``)."""
+    max_depth = state.max_depth
+    seq_start = state.seq_start
+    for i in range(roots.shape[0]):
+        out_len[i] = 0
+        out_match[i] = 0
+        root = roots[i]
+        if root < 0 or max_tokens[i] <= 0:
+            continue
+        slot = context_slots[i]
+        end = seq_start[slot] + state.seq_len[slot]
+        begin = max(seq_start[slot], end - max_depth)
+        if end == begin:
+            continue
+        context = state.pool[begin:end]
+        high = min(context.shape[0], max_depth)
+        low = _match_lengths_along(state, root, match_slots[i], context, high)
+        if low < 0:
+            low = _match_lengths(state, root, context, high)
+        for m in range(low, 0, -1):
+            cap = min(
+                max_tokens[i],
+                np.int64(m * max_spec_factor + 1e-6),
+                max_depth - m,
+                continuation_lens[i],
+            )
+            if cap <= out_len[i]:
+                continue
+            node = state.walks[m, W_MATCH_NODE]
+            implicit = state.walks[m, W_MATCH_IMPLICIT]
+            held = 0
+            while held < cap:
+                node, implicit = _descend(state, root, node, implicit, continuations[i, held])
+                if node < 0:
+                    break
+                held += 1
+            if held > out_len[i]:
+                out_len[i] = held
+                out_match[i] = m
+
+
+# Work space of best_first_tree_rows: candidate nodes pushed while growing one tree. A pass
+# that pushes more stops pushing (the tree keeps the nodes found so far).
+MAX_CANDIDATES = 8192
+
+
+@njit(cache=True)
+def _heap_push(heap, size, keys, entry):
+    """Push entry index ``entry`` onto the max-heap ``heap[:size]`` ordered by ``keys``."""
+    i = size
+    heap[i] = entry
+    while i > 0:
+        parent = (i - 1) // 2
+        if keys[heap[parent]] >= keys[heap[i]]:
+            break
+        heap[parent], heap[i] = heap[i], heap[parent]
+        i = parent
+    return size + 1
+
+
+@njit(cache=True)
+def _heap_pop(heap, size, keys):
+    """Pop the entry of the largest key from ``heap[:size]``: returns (entry, new size)."""
+    top = heap[0]
+    size -= 1
+    heap[0] = heap[size]
+    i = 0
+    while True:
+        left = 2 * i + 1
+        if left >= size:
+            break
+        child = left
+        if left + 1 < size and keys[heap[left + 1]] > keys[heap[left]]:
+            child = left + 1
+        if keys[heap[i]] >= keys[heap[child]]:
+            break
+        heap[i], heap[child] = heap[child], heap[i]
+        i = child
+    return top, size
+
+
+@njit(cache=True)
+def _push_children(
+    state,
+    root,
+    node,
+    implicit,
+    cumulative,
+    depth,
+    on_truth,
+    truth,
+    truth_len,
+    work,
+    heap,
+    size,
+    entries,
+):
+    """Push every child position of (``node``, ``implicit``) at path depth ``depth + 1``: the
+    next token of a chain head's implicit path (probability 1), or each materialized child
+    (its count over the node's). ``on_truth``: the parent's path equals ``truth[:depth]``.
+    ``work`` rows: cumulative probability, node, implicit, depth, on-truth flag, token.
+    Returns (heap size, entries)."""
+    nodes = state.nodes
+    if implicit > 0 or _is_chain_head(nodes, node, root):
+        ref_seq = nodes[node, F_REF_SEQ]
+        pos = nodes[node, F_REF_POS] + implicit
+        if ref_seq < 0 or pos >= state.seq_len[ref_seq] or entries >= MAX_CANDIDATES:
+            return size, entries
+        token = state.pool[state.seq_start[ref_seq] + pos]
+        work[0, entries] = cumulative
+        work[1, entries] = node
+        work[2, entries] = implicit + 1
+        work[3, entries] = depth + 1
+        work[4, entries] = 1.0 if on_truth and depth < truth_len and truth[depth] == token else 0.0
+        size = _heap_push(heap, size, work[0], entries)
+        return size, entries + 1
+    parent_count = nodes[node, F_COUNT]
+    child = nodes[node, F_FIRST_CHILD]
+    while child >= 0 and entries < MAX_CANDIDATES:
+        token = nodes[child, F_TOKEN]
+        work[0, entries] = cumulative * (nodes[child, F_COUNT] / parent_count)  # <= cumulative
+        work[1, entries] = child
+        work[2, entries] = 0
+        work[3, entries] = depth + 1
+        work[4, entries] = 1.0 if on_truth and depth < truth_len and truth[depth] == token else 0.0
+        size = _heap_push(heap, size, work[0], entries)
+        entries += 1
+        child = nodes[child, F_NEXT_SIBLING]
+    return size, entries
+
+
+@njit(cache=True)
+def _grow_tree(
+    state,
+    root,
+    node,
+    implicit,
+    max_path,
+    max_nodes,
+    truth,
+    truth_len,
+    work,
+    heap,
+    out_cumulative,
+    out_accepted,
+):
+    """The ``max_nodes`` most probable positions below (``node``, ``implicit``), at most
+    ``max_path`` deep, best first: node j's cumulative probability to ``out_cumulative[j]``
+    and, to ``out_accepted[j]``, how far ``truth`` runs through nodes 0..j. Returns the number
+    of nodes (fewer where the tree holds fewer)."""
+    size, entries = _push_children(
+        state, root, node, implicit, 1.0, 0, True, truth, truth_len, work, heap, 0, 0
+    )
+    chosen = 0
+    accepted = 0
+    while chosen < max_nodes and size > 0:
+        entry, size = _heap_pop(heap, size, work[0])
+        depth = np.int64(work[3, entry])
+        on_truth = work[4, entry] > 0.0
+        if on_truth and depth > accepted:
+            accepted = depth
+        out_cumulative[chosen] = work[0, entry]
+        out_accepted[chosen] = accepted
+        chosen += 1
+        if depth < max_path:
+            size, entries = _push_children(
+                state,
+                root,
+                np.int64(work[1, entry]),
+                np.int64(work[2, entry]),
+                work[0, entry],
+                depth,
+                on_truth,
+                truth,
+                truth_len,
+                work,
+                heap,
+                size,
+                entries,
+            )
+    return chosen
+
+
+@njit(cache=True)
+def best_first_tree_rows(
+    state,
+    roots,
+    context_slots,
+    match_slots,
+    truths,
+    truth_lens,
+    max_nodes,
+    max_path,
+    max_spec_factor,
+    out_cumulative,
+    out_accepted,
+    out_num,
+    out_match,
+):
+    """Row i: of every match length m of the context (as :func:`known_continuation_rows`
+    finds them), the tree of the ``max_nodes`` most probable positions below the match, paths at
+    most ``min(max_path, m * max_spec_factor, max_depth - m)`` deep, whose nodes' cumulative
+    probabilities sum highest (ties: the longer match). Writes its nodes' cumulative
+    probabilities in the order grown to ``out_cumulative[i]``, how far ``truths[i,
+    :truth_lens[i]]`` runs through its first j + 1 nodes to ``out_accepted[i, j]``, its size to
+    ``out_num[i]`` and m to ``out_match[i]``. The truth only scores the tree: it never shapes
+    it. Reads only (and the match work space ``walks``); the rows of ``out_cumulative`` and
+    ``out_accepted`` past a tree's nodes are left as they were."""
+    max_depth = state.max_depth
+    seq_start = state.seq_start
+    work = np.zeros((5, MAX_CANDIDATES))
+    heap = np.zeros(MAX_CANDIDATES, np.int64)
+    cumulative = np.zeros(max_nodes)
+    accepted = np.zeros(max_nodes, np.int64)
+    for i in range(roots.shape[0]):
+        out_num[i] = 0
+        out_match[i] = 0
+        root = roots[i]
+        if root < 0 or max_nodes <= 0:
+            continue
+        slot = context_slots[i]
+        end = seq_start[slot] + state.seq_len[slot]
+        begin = max(seq_start[slot], end - max_depth)
+        if end == begin:
+            continue
+        context = state.pool[begin:end]
+        high = min(context.shape[0], max_depth)
+        low = _match_lengths_along(state, root, match_slots[i], context, high)
+        if low < 0:
+            low = _match_lengths(state, root, context, high)
+        best = -1.0
+        best_match = 0
+        for m in range(low, 0, -1):
+            path = min(max_path, np.int64(m * max_spec_factor + 1e-6), max_depth - m)
+            if path <= 0:
+                continue
+            num = _grow_tree(
+                state,
+                root,
+                state.walks[m, W_MATCH_NODE],
+                state.walks[m, W_MATCH_IMPLICIT],
+                path,
+                max_nodes,
+                truths[i],
+                truth_lens[i],
+                work,
+                heap,
+                cumulative,
+                accepted,
+            )
+            expected = cumulative[:num].sum()
+            if num > 0 and expected > best:
+                best = expected
+                best_match = m
+        if best_match > 0:  # grown again, into the row's outputs
+            m = best_match
+            out_match[i] = m
+            out_num[i] = _grow_tree(
+                state,
+                root,
+                state.walks[m, W_MATCH_NODE],
+                state.walks[m, W_MATCH_IMPLICIT],
+                min(max_path, np.int64(m * max_spec_factor + 1e-6), max_depth - m),
+                max_nodes,
+                truths[i],
+                truth_lens[i],
+                work,
+                heap,
+                out_cumulative[i],
+                out_accepted[i],
+            )

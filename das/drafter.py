@@ -667,6 +667,22 @@ class DASDrafter:
     ) -> DraftBatch:
         """The drafts of ``requests`` from every enabled source's tree, in one lookup: row
         ``n * len(requests) + i`` holds request i's draft from source ``_enabled_sources[n]``."""
+        roots, match_slots = self._lookup_trees(requests, context_slots)
+        enabled = self._enabled_sources
+        return self.forest.speculate_many(
+            roots,
+            np.tile(context_slots, len(enabled)),
+            np.tile(caps, len(enabled)),
+            min_token_prob=self.config.min_token_prob,
+            max_spec_factor=spec_factor,
+            threads=self._lookup_threads,
+            match_slots=match_slots,
+        )
+
+    def _lookup_trees(
+        self, requests: list[_Request], context_slots: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The tree (root) and match slot of each row of :meth:`_look_up`."""
         rows = len(requests)
         enabled = self._enabled_sources
         roots = np.empty(len(enabled) * rows, np.int64)
@@ -684,15 +700,7 @@ class DASDrafter:
             else:
                 part[:] = [r.own_root for r in requests]
                 match_slots[n * rows : (n + 1) * rows] = context_slots
-        return self.forest.speculate_many(
-            roots,
-            np.tile(context_slots, len(enabled)),
-            np.tile(caps, len(enabled)),
-            min_token_prob=self.config.min_token_prob,
-            max_spec_factor=spec_factor,
-            threads=self._lookup_threads,
-            match_slots=match_slots,
-        )
+        return roots, match_slots
 
     def _choose_sources(self, batches: list[DraftBatch | None], scores: np.ndarray) -> np.ndarray:
         """Per row, the index in ``SOURCES`` of the draft to verify: the best calibrated score

@@ -18,7 +18,18 @@ model, next to the baselines the targets are stated against:
   more than what idling a draft that would be accepted saves;
 * ``oracle_sources``: as ``oracle_drafts``, but each request verifies the draft, of the three
   DAS sources (prompt history, global tree, own text), that the trace accepts furthest: the
-  ceiling of any rule for choosing among those drafts, with any budget policy.
+  ceiling of any rule for choosing among those drafts, with any budget policy;
+* ``oracle_trees``: as ``oracle_sources``, but each source's draft is whatever its tree holds of
+  the trace's next tokens after some suffix of the context, through any branch, not only the
+  most frequent one (within the bounds of a draft from that match: K, the factor, the depth):
+  the ceiling of tree-shaped drafts of any width from these trees. Its passes are priced with
+  the accepted tokens only, as the other oracles' are, so it is a floor under such drafts'
+  time, which would also pay for every branch verified;
+* ``das_tree_drafts``: not an oracle: ``das_policy``, but in batches of at most 32 requests
+  each request verifies a tree of up to 16 nodes (the most probable positions below its best
+  match, as many as the cost-model objective buys), priced node by node
+  (:class:`das.bench.tree_drafts.TreeDraftDrafter`): what verifying trees, which vLLM's
+  proposer seam does not take, would be worth.
 
 Every DAS drafter here drafts with the ``max_spec_factor`` the cost-model policy uses under the
 cost model given (:meth:`das.config.DASConfig.spec_factor_for`), so that ``das_fixed`` and the
@@ -49,7 +60,8 @@ from tqdm import tqdm
 from das import methods
 from das.atomic_json import write_json_atomically
 from das.bench import script_args
-from das.bench.trace_oracle import OracleSourceDrafter, TraceView
+from das.bench.trace_oracle import OracleSourceDrafter, OracleTreeDrafter, TraceView
+from das.bench.tree_drafts import TreeDraftDrafter
 from das.config import DASConfig
 from das.drafter import DASDrafter
 from policies.budget import (
@@ -82,6 +94,8 @@ METHODS = (
     "makespan_oracle",
     "oracle_drafts",
     "oracle_sources",
+    "oracle_trees",
+    "das_tree_drafts",
 )
 
 
@@ -115,7 +129,9 @@ def replay_method(
     in the requests that ran to the token cap.
     """
     plan = policy_cost_model(cost)
-    settings = DASConfig(num_speculative_tokens=k, policy="cost_model")
+    # Lookups free, as in every replay: a drafter timing its own lookups would skip batches by
+    # the machine's clock, and the modelled times would depend on the machine's load.
+    settings = DASConfig(num_speculative_tokens=k, policy="cost_model", lookup_us_per_request=0.0)
     spec_factor = settings.spec_factor_for(plan.knee_tokens)  # what das_policy drafts with
     if method == "none":
         view = None
@@ -131,9 +147,13 @@ def replay_method(
             return predicted_remaining_tokens(batch.generated_tokens, batch.expected_lengths)
 
         view = TraceView(DASDrafter(settings, policy=MakespanPolicy(plan, k, predicted), cost=plan))
-    elif method == "oracle_sources":
+    elif method in ("oracle_sources", "oracle_trees"):
         fixed = dataclasses.replace(settings, policy="fixed", max_spec_factor=spec_factor)
-        view = TraceView(OracleSourceDrafter(fixed), cut_drafts=True)
+        oracle = OracleSourceDrafter if method == "oracle_sources" else OracleTreeDrafter
+        view = TraceView(oracle(fixed), cut_drafts=True)
+    elif method == "das_tree_drafts":
+        linear = methods.build_drafter("das_cost_model", plan, k)
+        view = TraceView(TreeDraftDrafter(linear.config, policy=linear.policy, cost=plan))
     elif method == "makespan_oracle":
         view = TraceView(DASDrafter(settings, cost=plan))
         view.drafter.policy = MakespanPolicy(plan, k, view.remaining)

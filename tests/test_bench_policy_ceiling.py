@@ -63,6 +63,13 @@ def test_ceiling_benchmark_writes_every_method_and_the_oracle_knows_lengths(
     for chosen, scored in zip(steps["oracle_sources"], steps["oracle_drafts"], strict=True):
         assert chosen["accepted_tokens"] == chosen["draft_tokens"]
         assert chosen["decode_iterations"] < scored["decode_iterations"]
+    # Drafting, from each source, what its tree holds through any branch: no wasted token, and
+    # at least as far as every source's most frequent branch (fewer iterations in some step).
+    trees, sources = steps["oracle_trees"], steps["oracle_sources"]
+    for chosen, greedy in zip(trees, sources, strict=True):
+        assert chosen["accepted_tokens"] == chosen["draft_tokens"]
+        assert chosen["decode_iterations"] <= greedy["decode_iterations"]
+    assert sum(r["decode_iterations"] for r in trees) < sum(r["decode_iterations"] for r in sources)
     # The slowest request of a step without drafts is its longest response.
     for row in steps["none"]:
         assert row["slowest_request"]["passes"] == row["slowest_request"]["tokens"] == longest

@@ -3,7 +3,9 @@
 :class:`TraceView` wraps a drafter for :func:`rollouts.replay.replay_step` and knows each
 request's recorded response, so it can give a policy true remaining lengths and cut drafts to
 what the trace accepts; :class:`OracleSourceDrafter` verifies, per request, the source whose
-draft the trace accepts furthest. The policy-ceiling and source-choice benchmarks build on them.
+draft the trace accepts furthest, and :class:`OracleTreeDrafter` verifies, from each source,
+whatever its tree holds of what the trace produces next (the ceiling of tree-shaped drafts).
+The policy-ceiling and source-choice benchmarks build on them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from policies.budget import BatchView
 from rollouts.trace import RolloutRecord
 from suffix_tree.draft import DraftBatch
 
-__all__ = ["OracleSourceDrafter", "TraceView", "accepted_per_source"]
+__all__ = ["OracleSourceDrafter", "OracleTreeDrafter", "TraceView", "accepted_per_source"]
 
 
 def accepted_per_source(
@@ -58,6 +60,49 @@ class OracleSourceDrafter(DASDrafter):
         # A calibrated score is a sum of at most K probabilities, below K + 1.
         width_of_score = scores.max(initial=0.0) + 2.0
         return np.argmax(accepted * width_of_score + scores, axis=0)
+
+
+class OracleTreeDrafter(OracleSourceDrafter):
+    """:class:`OracleSourceDrafter` whose drafts are, per source, the longest prefix of
+    ``truths[row]`` that the source's tree holds after some suffix of the context
+    (:meth:`suffix_tree.SuffixForest.known_continuations`), within the bounds of a draft from
+    that match. A greedy draft follows the most frequent branch; a tree-shaped draft may hold
+    several; this one holds, in hindsight, the branch the target takes: the furthest any draft
+    from the three trees could be accepted, whatever its shape and however many branches a
+    pass verified. Each draft token's probability is set to 1."""
+
+    def _look_up(
+        self,
+        requests: list[Any],
+        context_slots: np.ndarray,
+        caps: np.ndarray,
+        spec_factor: float,
+    ) -> DraftBatch:
+        drafts = super()._look_up(requests, context_slots, caps, spec_factor)
+        roots, match_slots = self._lookup_trees(requests, context_slots)
+        sources = len(self._enabled_sources)
+        width = drafts.tokens.shape[1]
+        truth = np.zeros((len(requests), width), np.int32)
+        truth_lens = np.zeros(len(requests), np.int64)
+        for row, tokens in enumerate(self.truths):
+            truth_lens[row] = min(width, tokens.size)
+            truth[row, : truth_lens[row]] = tokens[: truth_lens[row]]
+        lengths, matches = self.forest.known_continuations(
+            roots,
+            np.tile(context_slots, sources),
+            np.tile(truth, (sources, 1)),
+            np.tile(truth_lens, sources),
+            np.tile(caps, sources),
+            max_spec_factor=spec_factor,
+            match_slots=match_slots,
+        )
+        return DraftBatch(
+            np.tile(truth, (sources, 1)),
+            np.ones(drafts.probs.shape),
+            lengths,
+            lengths.astype(np.float64),
+            matches,
+        )
 
 
 class TraceView:
@@ -102,7 +147,7 @@ class TraceView:
         self.current = np.array([truth.size for truth in truths], dtype=np.float64)
         for request_id in request_ids:
             self.passes[request_id] += 1
-        if isinstance(self.drafter, OracleSourceDrafter):
+        if hasattr(self.drafter, "truths"):  # a drafter that scores against the trace
             self.drafter.truths = truths
         proposal = self.drafter.propose(request_ids)
         # What the replay accepts: the draft's prefix that equals the rest of the response.

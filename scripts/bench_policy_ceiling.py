@@ -26,10 +26,10 @@ model, next to the baselines the targets are stated against:
   the accepted tokens only, as the other oracles' are, so it is a floor under such drafts'
   time, which would also pay for every branch verified;
 * ``das_tree_drafts``: not an oracle: ``das_policy``, but in batches of at most 32 requests
-  each request verifies a tree of up to 16 nodes (the most probable positions below its best
-  match, as many as the cost-model objective buys), priced node by node
-  (:class:`das.bench.tree_drafts.TreeDraftDrafter`): what verifying trees, which vLLM's
-  proposer seam does not take, would be worth.
+  each request verifies a tree of up to 16 nodes (``--tree-nodes``): the most probable
+  positions below its best match, as many as the cost-model objective buys, priced node by
+  node (:class:`das.bench.tree_drafts.TreeDraftDrafter`). What verifying trees, which vLLM
+  0.32 does not, would be worth.
 
 Every DAS drafter here drafts with the ``max_spec_factor`` the cost-model policy uses under the
 cost model given (:meth:`das.config.DASConfig.spec_factor_for`), so that ``das_fixed`` and the
@@ -85,6 +85,7 @@ logger = logging.getLogger("bench_policy_ceiling")
 # The online fit of the live RL benchmark's DAS engine
 # (benchmarks/results/rollout_cpu_sequential.json).
 LIVE_CPU_COST = "0.0363,0.00078"
+TREE_NODES = 16  # the most nodes of a request's tree in das_tree_drafts
 METHODS = (
     "none",
     "suffix_global",
@@ -119,10 +120,15 @@ class MakespanPolicy(BudgetPolicy):
 
 
 def replay_method(
-    method: str, steps: dict[int, list[RolloutRecord]], cost: CostModel, k: int
+    method: str,
+    steps: dict[int, list[RolloutRecord]],
+    cost: CostModel,
+    k: int,
+    tree_nodes: int = TREE_NODES,
 ) -> tuple[list[StepResult], list[dict[str, Any]]]:
     """Replay every step of the trace in order with one drafter of ``method``, priced by
-    ``cost`` (a policy plans with :func:`~policies.profiles.policy_cost_model` of it).
+    ``cost`` (a policy plans with :func:`~policies.profiles.policy_cost_model` of it);
+    ``das_tree_drafts`` verifies trees of up to ``tree_nodes`` nodes.
 
     Returns the step results and, per step, the slowest request (its row, forward passes,
     tokens, rejected draft tokens, and its passes priced alone) and the draft tokens rejected
@@ -153,7 +159,9 @@ def replay_method(
         view = TraceView(oracle(fixed), cut_drafts=True)
     elif method == "das_tree_drafts":
         linear = methods.build_drafter("das_cost_model", plan, k)
-        view = TraceView(TreeDraftDrafter(linear.config, policy=linear.policy, cost=plan))
+        view = TraceView(
+            TreeDraftDrafter(linear.config, policy=linear.policy, cost=plan, max_nodes=tree_nodes)
+        )
     elif method == "makespan_oracle":
         view = TraceView(DASDrafter(settings, cost=plan))
         view.drafter.policy = MakespanPolicy(plan, k, view.remaining)
@@ -279,6 +287,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--k", type=int, default=16, help="num_speculative_tokens")
     parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated methods to replay, none and suffix_global among them (default: all)",
+    )
+    parser.add_argument(
+        "--tree-nodes",
+        type=int,
+        default=TREE_NODES,
+        help=f"the most nodes of a request's tree in das_tree_drafts (default {TREE_NODES})",
+    )
+    parser.add_argument(
         "--json", type=Path, default=Path("benchmarks/results/policy_ceiling_cpu.json")
     )
     parser.add_argument("--plot", type=Path, help="write a bar chart of step times here")
@@ -288,7 +307,19 @@ def main(argv: list[str] | None = None) -> None:
     steps = script_args.trace_steps(
         parser, args.trace, min_steps=2, hint=" (record one: see this script's doc)"
     )
-    replays = {m: replay_method(m, steps, cost, args.k) for m in tqdm(METHODS, desc="replay")}
+    if args.tree_nodes < 1:
+        parser.error(f"--tree-nodes {args.tree_nodes} must be >= 1")
+    chosen = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(chosen) - set(METHODS))
+    if unknown or not {"none", "suffix_global"} <= set(chosen):
+        parser.error(
+            f"--methods {args.methods}: each must be one of {', '.join(METHODS)}, "
+            "and none and suffix_global must be among them (the ratios' baselines)"
+        )
+    replays = {
+        m: replay_method(m, steps, cost, args.k, args.tree_nodes)
+        for m in tqdm([m for m in METHODS if m in chosen], desc="replay")
+    }
     runs = {method: results for method, (results, _) in replays.items()}
     summary = summarise(runs, {method: rows for method, (_, rows) in replays.items()})
     for method, row in summary.items():
@@ -308,9 +339,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     report = {
         "command": f"python scripts/bench_policy_ceiling.py --trace {args.trace.name} "
-        f"--cost {args.cost} --json {args.json.name}",
+        f"--cost {args.cost} --json {args.json.name}"
+        + (f" --methods {args.methods}" if set(chosen) != set(METHODS) else "")
+        + (f" --tree-nodes {args.tree_nodes}" if args.tree_nodes != TREE_NODES else ""),
         "cost_model": args.cost,
         "num_speculative_tokens": args.k,
+        "tree_nodes": args.tree_nodes,
         "steps": {
             method: [
                 {

@@ -89,3 +89,33 @@ def test_ceiling_benchmark_names_a_missing_trace(tmp_path, capsys, load_script) 
         bench.main(["--trace", str(missing)])
     assert exit_.value.code == 2
     assert str(missing) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("methods", ["none,suffix_global,oracle_tree", "none,das_tree_drafts"])
+def test_ceiling_benchmark_names_methods_it_cannot_replay(capsys, load_script, methods) -> None:
+    bench = load_script("bench_policy_ceiling")
+    trace = str(ROOT / "tests" / "data" / "trace_small.parquet")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--trace", trace, "--methods", methods])
+    assert exit_.value.code == 2
+    assert f"--methods {methods}" in capsys.readouterr().err
+
+
+def test_ceiling_benchmark_replays_the_methods_asked_with_the_tree_size_asked(
+    tmp_path, load_script
+) -> None:
+    bench = load_script("bench_policy_ceiling")
+    out = tmp_path / "trees.json"
+    trace = str(ROOT / "tests" / "data" / "trace_small.parquet")
+    common = ["--trace", trace, "--cost", "h100", "--methods", "none,suffix_global,das_tree_drafts"]
+    bench.main([*common, "--json", str(out), "--tree-nodes", "1"])
+    one = json.loads(out.read_text())
+    assert set(one["steps"]) == {"none", "suffix_global", "das_tree_drafts"}
+    assert one["tree_nodes"] == 1
+    assert one["command"].endswith("--methods none,suffix_global,das_tree_drafts --tree-nodes 1")
+    bench.main([*common, "--json", str(out)])
+    sixteen = json.loads(out.read_text())
+    # Trees of one node accept less than trees of 16 (the batches above 32 draft paths alike).
+    assert sum(r["accepted_tokens"] for r in one["steps"]["das_tree_drafts"]) < sum(
+        r["accepted_tokens"] for r in sixteen["steps"]["das_tree_drafts"]
+    )

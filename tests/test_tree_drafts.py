@@ -57,3 +57,10 @@ def test_a_batch_larger_than_the_tree_batch_gets_the_linear_drafts() -> None:
     tree.truths = [np.array([7, 8, 9, 6])]
     assert tree.propose(["new"]).drafts.tokens[0, :3].tolist() == [3, 4, 5]
     assert tree.tree_passes == 0
+
+
+def test_trees_that_accepted_more_than_their_counts_said_still_draft() -> None:
+    _, tree = _drafters()
+    tree.accepted_tokens = 2 * tree.expected_tokens  # a factor of 2: 0.75 x 2 capped at 1
+    tree.truths = [np.array([7, 8, 9, 6])]
+    assert tree.propose(["new"]).drafts.num_tokens.tolist() == [8]

@@ -102,7 +102,9 @@ class TreeDraftDrafter(DASDrafter):
         position[self._enabled_sources] = np.arange(sources)
         best = np.where(linear >= 0, position[np.maximum(linear, 0)], best)
         chosen = best * rows + np.arange(rows)
-        values = cumulative[chosen] * self.acceptance_factor
+        # Scaled by the learnt factor, capped at 1 (a factor above 1: trees accepted more than
+        # their counts said); the cap keeps each row non-increasing.
+        values = np.minimum(cumulative[chosen] * self.acceptance_factor, 1.0)
         shape = self._batch_view(requests, values)
         budgets = optimal_budgets(
             list(values),

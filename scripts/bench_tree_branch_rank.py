@@ -9,7 +9,9 @@ after the first step, for each request and each source:
   ceiling), and
 * how far a tree of the 16 most probable positions below the match whose tree sums highest
   gets (:meth:`suffix_tree.SuffixForest.tree_drafts`), and how many such positions, best
-  first, it would take to get as far (up to ``--max-nodes``).
+  first, it would take to get as far (up to ``--max-nodes``), and whether that match is longer
+  than the longest one below which the tokens lie that far (a shorter match's tree holds every
+  continuation of a longer one's, so otherwise the tokens lie among rarer continuations).
 
 For each request, the source whose tree holds the target's tokens furthest is counted. It
 prints and writes to JSON the share of such rows where the 16-node tree falls short of the
@@ -46,14 +48,15 @@ UNREACHED = -1  # the ceiling's depth is not within --max-nodes best-first posit
 
 class BranchRankProbe(TreeDraftDrafter):
     """:class:`TreeDraftDrafter` that, before each tree pass after the first step, records per
-    request (ceiling depth, depth of the ``TREE_NODES``-node tree, best-first nodes needed to
-    reach the ceiling's depth or ``UNREACHED``) for the source whose tree holds the most."""
+    request, for the source whose tree holds the most: (ceiling depth, depth of the
+    ``TREE_NODES``-node tree, best-first nodes needed to reach the ceiling's depth or
+    ``UNREACHED``, 1 if the tree's match is longer than the ceiling's else 0)."""
 
     def __init__(self, *args: Any, probe_nodes: int, first_step: int, **kwargs: Any) -> None:
         super().__init__(*args, max_nodes=TREE_NODES, **kwargs)
         self.probe_nodes = probe_nodes
         self.first_step = first_step
-        self.records: list[tuple[int, int, int]] = []
+        self.records: list[tuple[int, int, int, int]] = []
 
     def propose(
         self, request_ids: Sequence[Hashable], max_tokens: np.ndarray | int | None = None
@@ -77,14 +80,14 @@ class BranchRankProbe(TreeDraftDrafter):
             truth[row, : lens[row]] = tokens[: lens[row]]
         factor = self.config.spec_factor_for(self.cost.knee_tokens)
         rows_args = (roots, np.tile(slots, sources), np.tile(truth, (sources, 1)))
-        known, _ = self.forest.known_continuations(
+        known, known_match = self.forest.known_continuations(
             *rows_args,
             np.tile(lens, sources),
             np.full(sources * rows, k),
             max_spec_factor=factor,
             match_slots=match_slots,
         )
-        _, accepted, num, _ = self.forest.tree_drafts(
+        _, accepted, num, tree_match = self.forest.tree_drafts(
             *rows_args,
             np.tile(lens, sources),
             self.probe_nodes,
@@ -95,20 +98,24 @@ class BranchRankProbe(TreeDraftDrafter):
         known = known.reshape(sources, rows)
         accepted = accepted.reshape(sources, rows, -1)
         num = num.reshape(sources, rows)
+        # > 0: the tree grew below a longer match than the one below which the tokens lie.
+        longer = (tree_match - known_match).reshape(sources, rows)
         for row in range(rows):
             source = int(np.argmax(known[:, row]))
             depth = int(known[source, row])
             grown = accepted[source, row, : num[source, row]]  # past the tree's nodes: 0
             small = grown[min(TREE_NODES, grown.size) - 1] if grown.size else 0
             reach = np.flatnonzero(grown >= depth)
-            self.records.append((depth, int(small), int(reach[0]) + 1 if reach.size else UNREACHED))
+            needed = int(reach[0]) + 1 if reach.size else UNREACHED
+            self.records.append((depth, int(small), needed, int(longer[source, row] > 0)))
 
 
 def summarise(records: np.ndarray, probe_nodes: int) -> dict[str, float]:
-    """The shares and percentiles the module doc names, over ``records`` [rows, 3]."""
+    """The shares and percentiles the module doc names, over ``records`` [rows, 4]."""
     short = records[:, 0] > records[:, 1]
     needed = records[short, 2]
     reached = needed[needed != UNREACHED]
+    longer = records[short, 3][needed == UNREACHED]
     return {
         "rows": len(records),
         "mean_ceiling_depth": float(records[:, 0].mean()) if len(records) else 0.0,
@@ -121,6 +128,9 @@ def summarise(records: np.ndarray, probe_nodes: int) -> dict[str, float]:
             (needed == UNREACHED).mean() if needed.size else 0.0
         ),
         "of_those_reached_median_nodes": float(np.median(reached)) if reached.size else 0.0,
+        f"of_those_beyond_{probe_nodes}_share_below_a_shorter_match": float(
+            longer.mean() if longer.size else 0.0
+        ),
     }
 
 
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     for step in sorted(steps):
         view.set_step(steps[step])
         replay_step(step, steps[step], view, cost)
-    summary = summarise(np.array(probe.records, np.int64).reshape(-1, 3), args.max_nodes)
+    summary = summarise(np.array(probe.records, np.int64).reshape(-1, 4), args.max_nodes)
     for key, value in summary.items():
         logger.info("%-40s %s", key, round(value, 3))
     write_json_atomically(

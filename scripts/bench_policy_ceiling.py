@@ -29,7 +29,9 @@ model, next to the baselines the targets are stated against:
   each request verifies a tree of up to 16 nodes (``--tree-nodes``): the most probable
   positions below its best match, as many as the cost-model objective buys, priced node by
   node (:class:`das.bench.tree_drafts.TreeDraftDrafter`). What verifying trees, which vLLM
-  0.32 does not, would be worth.
+  0.32 does not, would be worth;
+* ``das_merged_tree_drafts``: as ``das_tree_drafts``, but each tree holds the most probable
+  paths below every match of the context, not only below the one whose tree sums highest.
 
 Every DAS drafter here drafts with the ``max_spec_factor`` the cost-model policy uses under the
 cost model given (:meth:`das.config.DASConfig.spec_factor_for`), so that ``das_fixed`` and the
@@ -97,6 +99,7 @@ METHODS = (
     "oracle_sources",
     "oracle_trees",
     "das_tree_drafts",
+    "das_merged_tree_drafts",
 )
 
 
@@ -128,7 +131,7 @@ def replay_method(
 ) -> tuple[list[StepResult], list[dict[str, Any]]]:
     """Replay every step of the trace in order with one drafter of ``method``, priced by
     ``cost`` (a policy plans with :func:`~policies.profiles.policy_cost_model` of it);
-    ``das_tree_drafts`` verifies trees of up to ``tree_nodes`` nodes.
+    the tree drafters verify trees of up to ``tree_nodes`` nodes.
 
     Returns the step results and, per step, the slowest request (its row, forward passes,
     tokens, rejected draft tokens, and its passes priced alone) and the draft tokens rejected
@@ -157,10 +160,16 @@ def replay_method(
         fixed = dataclasses.replace(settings, policy="fixed", max_spec_factor=spec_factor)
         oracle = OracleSourceDrafter if method == "oracle_sources" else OracleTreeDrafter
         view = TraceView(oracle(fixed), cut_drafts=True)
-    elif method == "das_tree_drafts":
+    elif method in ("das_tree_drafts", "das_merged_tree_drafts"):
         linear = methods.build_drafter("das_cost_model", plan, k)
         view = TraceView(
-            TreeDraftDrafter(linear.config, policy=linear.policy, cost=plan, max_nodes=tree_nodes)
+            TreeDraftDrafter(
+                linear.config,
+                policy=linear.policy,
+                cost=plan,
+                max_nodes=tree_nodes,
+                merge_matches=method == "das_merged_tree_drafts",
+            )
         )
     elif method == "makespan_oracle":
         view = TraceView(DASDrafter(settings, cost=plan))

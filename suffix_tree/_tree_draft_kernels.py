@@ -163,6 +163,12 @@ def _heap_pop(heap, size, keys):
     return top, size
 
 
+@njit(cache=True, inline="always")
+def _extend_hash(path_hash, token):
+    """The hash of a path one token longer (int64 arithmetic wraps)."""
+    return path_hash * np.int64(1000003) + token + 1
+
+
 @njit(cache=True)
 def _push_children(
     state,
@@ -178,11 +184,14 @@ def _push_children(
     heap,
     size,
     entries,
+    hashes,
+    path_hash,
 ):
     """Push every child position of (``node``, ``implicit``) at path depth ``depth + 1``: the
     next token of a chain head's implicit path (probability 1), or each materialized child
     (its count over the node's). ``on_truth``: the parent's path equals ``truth[:depth]``.
-    ``work`` rows: cumulative probability, node, implicit, depth, on-truth flag, token.
+    ``work`` rows: cumulative probability, node, implicit, depth, on-truth flag; ``hashes``: each
+    entry's path (its tokens below the match) hashed, from the parent's ``path_hash``.
     Returns (heap size, entries)."""
     nodes = state.nodes
     if implicit > 0 or _is_chain_head(nodes, node, root):
@@ -196,6 +205,7 @@ def _push_children(
         work[2, entries] = implicit + 1
         work[3, entries] = depth + 1
         work[4, entries] = 1.0 if on_truth and depth < truth_len and truth[depth] == token else 0.0
+        hashes[entries] = _extend_hash(path_hash, token)
         size = _heap_push(heap, size, work[0], entries)
         return size, entries + 1
     parent_count = nodes[node, F_COUNT]
@@ -207,6 +217,7 @@ def _push_children(
         work[2, entries] = 0
         work[3, entries] = depth + 1
         work[4, entries] = 1.0 if on_truth and depth < truth_len and truth[depth] == token else 0.0
+        hashes[entries] = _extend_hash(path_hash, token)
         size = _heap_push(heap, size, work[0], entries)
         entries += 1
         child = nodes[child, F_NEXT_SIBLING]
@@ -225,15 +236,20 @@ def _grow_tree(
     truth_len,
     work,
     heap,
+    hashes,
     out_cumulative,
     out_accepted,
+    out_hash,
+    out_depth,
+    out_on_truth,
 ):
     """The ``max_nodes`` most probable positions below (``node``, ``implicit``), at most
     ``max_path`` deep, best first: node j's cumulative probability to ``out_cumulative[j]``
-    and, to ``out_accepted[j]``, how far ``truth`` runs through nodes 0..j. Returns the number
-    of nodes (fewer where the tree holds fewer)."""
+    and, to ``out_accepted[j]``, how far ``truth`` runs through nodes 0..j; its path's hash,
+    depth and whether it lies on ``truth`` to ``out_hash[j]``, ``out_depth[j]``,
+    ``out_on_truth[j]``. Returns the number of nodes (fewer where the tree holds fewer)."""
     size, entries = _push_children(
-        state, root, node, implicit, 1.0, 0, True, truth, truth_len, work, heap, 0, 0
+        state, root, node, implicit, 1.0, 0, True, truth, truth_len, work, heap, 0, 0, hashes, 0
     )
     chosen = 0
     accepted = 0
@@ -245,6 +261,9 @@ def _grow_tree(
             accepted = depth
         out_cumulative[chosen] = work[0, entry]
         out_accepted[chosen] = accepted
+        out_hash[chosen] = hashes[entry]
+        out_depth[chosen] = depth
+        out_on_truth[chosen] = on_truth
         chosen += 1
         if depth < max_path:
             size, entries = _push_children(
@@ -261,6 +280,8 @@ def _grow_tree(
                 heap,
                 size,
                 entries,
+                hashes,
+                hashes[entry],
             )
     return chosen
 
@@ -276,29 +297,42 @@ def best_first_tree_rows(
     max_nodes,
     max_path,
     max_spec_factor,
+    merge_matches,
     out_cumulative,
     out_accepted,
     out_num,
     out_match,
 ):
-    """Row i: of every match length m of the context (as :func:`known_continuation_rows`
-    finds them), the tree of the ``max_nodes`` most probable positions below the match, paths at
-    most ``min(max_path, m * max_spec_factor, max_depth - m)`` deep, whose nodes' cumulative
-    probabilities sum highest (ties: the longer match). Writes its nodes' cumulative
-    probabilities in the order grown to ``out_cumulative[i]``, how far ``truths[i,
-    :truth_lens[i]]`` runs through its first j + 1 nodes to ``out_accepted[i, j]``, its size to
-    ``out_num[i]`` and m to ``out_match[i]``. The truth only scores the tree: it never shapes
-    it. Reads only (and the match work space ``walks``); the rows of ``out_cumulative`` and
-    ``out_accepted`` past a tree's nodes are left as they were."""
+    """Row i: a draft tree below the matches of the context (as :func:`known_continuation_rows`
+    finds them). Below each match length m, the ``max_nodes`` most probable positions, paths at
+    most ``min(max_path, m * max_spec_factor, max_depth - m)`` deep. Without
+    ``merge_matches``, the tree of the match whose nodes' cumulative probabilities sum highest
+    (ties: the longer match); with it, the ``max_nodes`` most probable distinct paths of all
+    those trees, each valued at its best (ties: the shallower first, so that every prefix of
+    the order is a tree; ``out_match`` is then 0).
+
+    Writes the nodes' cumulative probabilities in order to ``out_cumulative[i]``, how far
+    ``truths[i, :truth_lens[i]]`` runs through the first j + 1 nodes to ``out_accepted[i,
+    j]``, the node count to ``out_num[i]`` and m to ``out_match[i]``. The truth only scores the
+    tree: it never shapes it. Reads only (and the match work space ``walks``); writes 0 in
+    the rows of ``out_cumulative`` and ``out_accepted`` past a tree's nodes."""
     max_depth = state.max_depth
     seq_start = state.seq_start
     work = np.zeros((5, MAX_CANDIDATES))
     heap = np.zeros(MAX_CANDIDATES, np.int64)
-    cumulative = np.zeros(max_nodes)
-    accepted = np.zeros(max_nodes, np.int64)
+    hashes = np.zeros(MAX_CANDIDATES, np.int64)
+    # One tree per match length, side by side: tree of length m at [(m - 1) * max_nodes, ...).
+    width = max_depth * max_nodes
+    cumulative = np.zeros(width)
+    accepted = np.zeros(width, np.int64)
+    path_hash = np.zeros(width, np.int64)
+    depth_of = np.zeros(width, np.int64)
+    on_truth = np.zeros(width, np.bool_)
     for i in range(roots.shape[0]):
         out_num[i] = 0
         out_match[i] = 0
+        out_cumulative[i, :] = 0.0
+        out_accepted[i, :] = 0
         root = roots[i]
         if root < 0 or max_nodes <= 0:
             continue
@@ -314,10 +348,12 @@ def best_first_tree_rows(
             low = _match_lengths(state, root, context, high)
         best = -1.0
         best_match = 0
+        total = 0  # positions grown below all matches, side by side
         for m in range(low, 0, -1):
             path = min(max_path, np.int64(m * max_spec_factor + 1e-6), max_depth - m)
             if path <= 0:
                 continue
+            at = total
             num = _grow_tree(
                 state,
                 root,
@@ -329,27 +365,60 @@ def best_first_tree_rows(
                 truth_lens[i],
                 work,
                 heap,
-                cumulative,
-                accepted,
+                hashes,
+                cumulative[at:],
+                accepted[at:],
+                path_hash[at:],
+                depth_of[at:],
+                on_truth[at:],
             )
-            expected = cumulative[:num].sum()
+            expected = cumulative[at : at + num].sum()
             if num > 0 and expected > best:
                 best = expected
                 best_match = m
-        if best_match > 0:  # grown again, into the row's outputs
-            m = best_match
-            out_match[i] = m
-            out_num[i] = _grow_tree(
-                state,
-                root,
-                state.walks[m, W_MATCH_NODE],
-                state.walks[m, W_MATCH_IMPLICIT],
-                min(max_path, np.int64(m * max_spec_factor + 1e-6), max_depth - m),
+            total += num
+            if not merge_matches:
+                total = 0  # one tree at a time
+                if num > 0 and best_match == m:
+                    out_num[i] = num
+                    out_match[i] = m
+                    out_cumulative[i, :] = 0.0  # a longer match's bigger tree may be here
+                    out_accepted[i, :] = 0
+                    out_cumulative[i, :num] = cumulative[:num]
+                    out_accepted[i, :num] = accepted[:num]
+        if merge_matches and total > 0:
+            out_num[i] = _merge_paths(
+                cumulative[:total],
+                path_hash[:total],
+                depth_of[:total],
+                on_truth[:total],
                 max_nodes,
-                truths[i],
-                truth_lens[i],
-                work,
-                heap,
                 out_cumulative[i],
                 out_accepted[i],
             )
+
+
+@njit(cache=True)
+def _merge_paths(cumulative, path_hash, depth, on_truth, max_nodes, out_cumulative, out_accepted):
+    """The ``max_nodes`` most probable distinct paths among trees grown below several matches
+    (a path's value: its best), most probable first, shallower first on ties; writes them as
+    :func:`best_first_tree_rows` does and returns their number."""
+    by_depth = np.argsort(depth, kind="mergesort")
+    order = by_depth[np.argsort(-cumulative[by_depth], kind="mergesort")]
+    seen = set()
+    seen.add(np.int64(0))
+    seen.discard(np.int64(0))
+    chosen = 0
+    held = 0
+    for e in order:
+        if chosen >= max_nodes:
+            break
+        if path_hash[e] in seen:
+            continue
+        seen.add(path_hash[e])
+        if on_truth[e] and depth[e] > held:
+            held = depth[e]
+        out_cumulative[chosen] = cumulative[e]
+        out_accepted[chosen] = held
+        chosen += 1
+    return chosen

@@ -507,6 +507,7 @@ class SuffixForest:
         max_path: int,
         max_spec_factor: float | None = None,
         match_slots: np.ndarray | None = None,
+        merge_matches: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Row i: a tree-shaped draft for the context :meth:`speculate_many` would use, scored
         against the tokens the target produces next, ``truths[i, :truth_lens[i]]``.
@@ -515,7 +516,9 @@ class SuffixForest:
         probable positions below the match (a position's probability: the product of its
         path's count ratios), paths at most ``min(max_path, m * max_spec_factor, max_depth -
         m)`` deep; the match whose tree's probabilities sum highest wins (ties: the longer).
-        The nodes come best first, so its first j nodes are the best tree of j nodes.
+        The nodes come best first, so its first j nodes are the best tree of j nodes. With
+        ``merge_matches`` the draft holds instead the ``max_nodes`` most probable distinct paths
+        of the trees below every match (a path's value: its best; the match length is then 0).
 
         Returns ``cumulative[rows, max_nodes]`` (each node's probability, in that order),
         ``accepted[rows, max_nodes]`` (how far the truth runs through the first j + 1 nodes:
@@ -543,6 +546,7 @@ class SuffixForest:
             max_nodes,
             max_path,
             factor,
+            bool(merge_matches),
             cumulative,
             accepted,
             num,

@@ -70,6 +70,9 @@ def test_ceiling_benchmark_writes_every_method_and_the_oracle_knows_lengths(
         assert chosen["accepted_tokens"] == chosen["draft_tokens"]
         assert chosen["decode_iterations"] <= greedy["decode_iterations"]
     assert sum(r["decode_iterations"] for r in trees) < sum(r["decode_iterations"] for r in sources)
+    # Trees merged over every match draft other nodes than trees below the best match.
+    merged, single = steps["das_merged_tree_drafts"], steps["das_tree_drafts"]
+    assert [r["draft_tokens"] for r in merged] != [r["draft_tokens"] for r in single]
     # The slowest request of a step without drafts is its longest response.
     for row in steps["none"]:
         assert row["slowest_request"]["passes"] == row["slowest_request"]["tokens"] == longest

@@ -174,3 +174,64 @@ def test_tree_drafts_hold_the_most_probable_positions_below_the_best_match(
             while depth < len(truth) and tuple(truth[: depth + 1]) in held:
                 depth += 1
             assert accepted[i, j] == depth, (seq, tree, j)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sequences=SEQUENCES,
+    truth=st.lists(SMALL_VOCAB, max_size=8),
+    max_nodes=st.integers(1, 12),
+    max_path=st.integers(1, 6),
+    factor=SPEC_FACTORS,
+)
+def test_merged_trees_sum_at_least_the_best_single_tree_and_stay_under_the_ceiling(
+    sequences, truth, max_nodes, max_path, factor
+) -> None:
+    forest = SuffixForest(max_depth=DEPTH, initial_nodes=16)
+    for seq, (tree, tokens) in enumerate(sequences):
+        forest.append(seq, tokens, tree=tree)
+    rows = [(seq, tree) for seq in range(len(sequences)) for tree in range(NUM_TREES)]
+    args = (
+        np.array([forest.tree_handle(tree) for _, tree in rows]),
+        np.array([forest.sequence_handle(seq) for seq, _ in rows]),
+        np.tile(np.array(truth or [0], np.int32), (len(rows), 1)),
+        np.full(len(rows), len(truth)),
+    )
+    single, _, _, _ = forest.tree_drafts(*args, max_nodes, max_path, max_spec_factor=factor)
+    merged, held, num, matches = forest.tree_drafts(
+        *args, max_nodes, max_path, max_spec_factor=factor, merge_matches=True
+    )
+    ceiling, _ = forest.known_continuations(
+        *args, np.full(len(rows), max_path), max_spec_factor=factor
+    )
+    assert not matches.any()
+    for i in range(len(rows)):
+        values = merged[i, : num[i]]
+        assert (np.diff(values) <= 0).all() and not merged[i, num[i] :].any()
+        assert values.sum() >= single[i].sum() - 1e-9
+        assert (num[i] == 0) == (single[i, 0] == 0)
+        if num[i]:
+            assert held[i, num[i] - 1] <= ceiling[i]
+            assert (np.diff(held[i, : num[i]]) >= 0).all()
+
+
+def test_a_merged_tree_holds_a_shorter_matchs_branch_the_best_single_tree_lacks() -> None:
+    forest = SuffixForest(max_depth=8)
+    forest.append("a", [5, 1, 2, 3, 3, 3, 3, 3])  # after 5 1 2: always 3 3 3 ...
+    for copy in range(2):
+        forest.append(("b", copy), [1, 2, 7, 7, 7, 7])  # after 1 2: mostly 7 7 7 ...
+    forest.append("request", [5, 1, 2], tree="own")
+    args = (
+        np.array([forest.tree_handle(0)]),
+        np.array([forest.sequence_handle("request")]),
+        np.array([[7, 7, 7]], np.int32),
+        np.array([3]),
+    )
+    # Below 5 1 2 four nodes of probability 1 (the path cap: max_path 4) sum highest.
+    _, held, num, matches = forest.tree_drafts(*args, 6, 4)
+    assert (num.tolist(), matches.tolist(), held[0, 3]) == ([4], [3], 0)
+    merged, held, num, _ = forest.tree_drafts(*args, 6, 4, merge_matches=True)
+    # Those four, then 7 and 7 7 (2/3 each below 1 2): the target's 7 7 is in the tree.
+    assert num.tolist() == [6]
+    assert merged[0].tolist() == [1.0, 1.0, 1.0, 1.0, 2 / 3, 2 / 3]
+    assert held[0].tolist() == [0, 0, 0, 0, 1, 2]

@@ -44,18 +44,27 @@ class TreeDraftDrafter(DASDrafter):
     """DAS's cost-model drafter drafting trees in small batches (see the module doc).
 
     ``max_nodes``: the most nodes of one request's tree; ``max_tree_batch``: the largest batch
-    that drafts trees. ``truths[row]`` holds the recorded tokens each row of the next
-    :meth:`propose` has still to generate (:class:`das.bench.trace_oracle.TraceView` sets it).
+    that drafts trees; ``merge_matches``: the tree holds the most probable paths below every
+    match of the context instead of below the best one
+    (:meth:`suffix_tree.SuffixForest.tree_drafts`). ``truths[row]`` holds the recorded tokens
+    each row of the next :meth:`propose` has still to generate
+    (:class:`das.bench.trace_oracle.TraceView` sets it).
     """
 
     def __init__(
-        self, *args: Any, max_nodes: int = 16, max_tree_batch: int = 32, **kwargs: Any
+        self,
+        *args: Any,
+        max_nodes: int = 16,
+        max_tree_batch: int = 32,
+        merge_matches: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         if self.policy is None or self.cost is None:
             raise ValueError("TreeDraftDrafter needs a budget policy and its step cost model")
         self.max_nodes = max_nodes
         self.max_tree_batch = max_tree_batch
+        self.merge_matches = merge_matches
         self.truths: list[np.ndarray] = []
         self.expected_tokens = PRIOR_EXPECTED_TOKENS
         self.accepted_tokens = PRIOR_ACCEPTED_TOKENS
@@ -93,6 +102,7 @@ class TreeDraftDrafter(DASDrafter):
             k,
             max_spec_factor=self.config.spec_factor_for(self.cost.knee_tokens),
             match_slots=match_slots,
+            merge_matches=self.merge_matches,
         )
         # Per request, the source the linear drafter's calibrated scores choose; where it
         # drafts nothing, the source whose tree's probabilities sum highest (first on ties).

@@ -36,7 +36,7 @@ from das import methods
 from das.atomic_json import write_json_atomically
 from das.bench import script_args
 from das.bench.trace_oracle import TraceView
-from das.bench.tree_drafts import TreeDraftDrafter
+from das.bench.tree_drafts import TreeDraftDrafter, truth_matrix
 from policies.profiles import TABLE_PROFILES, policy_cost_model
 from rollouts.replay import replay_step
 
@@ -73,11 +73,7 @@ class BranchRankProbe(TreeDraftDrafter):
         roots, match_slots = self._lookup_trees(requests, slots)
         sources = len(self._enabled_sources)
         k = self.config.num_speculative_tokens
-        truth = np.zeros((rows, k + 1), np.int32)
-        lens = np.zeros(rows, np.int64)
-        for row, tokens in enumerate(self.truths):
-            lens[row] = min(k + 1, tokens.size)
-            truth[row, : lens[row]] = tokens[: lens[row]]
+        truth, lens = truth_matrix(self.truths, k + 1)
         factor = self.config.spec_factor_for(self.cost.knee_tokens)
         rows_args = (roots, np.tile(slots, sources), np.tile(truth, (sources, 1)))
         known, known_match = self.forest.known_continuations(

@@ -61,6 +61,24 @@ def _descend(state, root, node, implicit, token):
 
 
 @njit(cache=True)
+def _match_row(state, root, context_slot, match_slot):
+    """Match the context of a row (the last ``max_depth`` tokens of sequence ``context_slot``)
+    in the tree at ``root`` as :func:`~suffix_tree._draft_kernels.speculate_rows` does: returns
+    the longest match length found (0 for an empty context), each match m <= it in row m of
+    ``state.walks``."""
+    end = state.seq_start[context_slot] + state.seq_len[context_slot]
+    begin = max(state.seq_start[context_slot], end - state.max_depth)
+    if end == begin:
+        return 0
+    context = state.pool[begin:end]
+    high = min(context.shape[0], state.max_depth)
+    low = _match_lengths_along(state, root, match_slot, context, high)
+    if low < 0:
+        low = _match_lengths(state, root, context, high)
+    return low
+
+
+@njit(cache=True)
 def known_continuation_rows(
     state,
     roots,
@@ -84,23 +102,13 @@ def known_continuation_rows(
     ``max_depth``. A negative root, a budget of 0 or an empty context gives 0. Reads only (and
     the match work space ``walks``)."""
     max_depth = state.max_depth
-    seq_start = state.seq_start
     for i in range(roots.shape[0]):
         out_len[i] = 0
         out_match[i] = 0
         root = roots[i]
         if root < 0 or max_tokens[i] <= 0:
             continue
-        slot = context_slots[i]
-        end = seq_start[slot] + state.seq_len[slot]
-        begin = max(seq_start[slot], end - max_depth)
-        if end == begin:
-            continue
-        context = state.pool[begin:end]
-        high = min(context.shape[0], max_depth)
-        low = _match_lengths_along(state, root, match_slots[i], context, high)
-        if low < 0:
-            low = _match_lengths(state, root, context, high)
+        low = _match_row(state, root, context_slots[i], match_slots[i])
         for m in range(low, 0, -1):
             cap = min(
                 max_tokens[i],
@@ -317,7 +325,6 @@ def best_first_tree_rows(
     tree: it never shapes it. Reads only (and the match work space ``walks``); writes 0 in
     the rows of ``out_cumulative`` and ``out_accepted`` past a tree's nodes."""
     max_depth = state.max_depth
-    seq_start = state.seq_start
     work = np.zeros((5, MAX_CANDIDATES))
     heap = np.zeros(MAX_CANDIDATES, np.int64)
     hashes = np.zeros(MAX_CANDIDATES, np.int64)
@@ -336,16 +343,7 @@ def best_first_tree_rows(
         root = roots[i]
         if root < 0 or max_nodes <= 0:
             continue
-        slot = context_slots[i]
-        end = seq_start[slot] + state.seq_len[slot]
-        begin = max(seq_start[slot], end - max_depth)
-        if end == begin:
-            continue
-        context = state.pool[begin:end]
-        high = min(context.shape[0], max_depth)
-        low = _match_lengths_along(state, root, match_slots[i], context, high)
-        if low < 0:
-            low = _match_lengths(state, root, context, high)
+        low = _match_row(state, root, context_slots[i], match_slots[i])
         best = -1.0
         best_match = 0
         total = 0  # positions grown below all matches, side by side

@@ -22,6 +22,16 @@ SEQUENCES = st.lists(
 )
 
 
+# Forests, the truth and the tree bounds that the tree-draft property tests draw.
+TREE_CASES = {
+    "sequences": SEQUENCES,
+    "truth": st.lists(SMALL_VOCAB, max_size=8),
+    "max_nodes": st.integers(1, 12),
+    "max_path": st.integers(1, 6),
+    "factor": SPEC_FACTORS,
+}
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     sequences=SEQUENCES,
@@ -127,13 +137,7 @@ def test_known_continuations_name_bad_rows() -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    sequences=SEQUENCES,
-    truth=st.lists(SMALL_VOCAB, max_size=8),
-    max_nodes=st.integers(1, 12),
-    max_path=st.integers(1, 6),
-    factor=SPEC_FACTORS,
-)
+@given(**TREE_CASES)
 def test_tree_drafts_hold_the_most_probable_positions_below_the_best_match(
     sequences, truth, max_nodes, max_path, factor
 ) -> None:
@@ -177,13 +181,7 @@ def test_tree_drafts_hold_the_most_probable_positions_below_the_best_match(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    sequences=SEQUENCES,
-    truth=st.lists(SMALL_VOCAB, max_size=8),
-    max_nodes=st.integers(1, 12),
-    max_path=st.integers(1, 6),
-    factor=SPEC_FACTORS,
-)
+@given(**TREE_CASES)
 def test_merged_trees_sum_at_least_the_best_single_tree_and_stay_under_the_ceiling(
     sequences, truth, max_nodes, max_path, factor
 ) -> None:

@@ -33,11 +33,22 @@ from das.drafter import SOURCES, DASDrafter, Proposal
 from policies.budget import optimal_budgets
 from suffix_tree.draft import DraftBatch
 
-__all__ = ["TreeDraftDrafter"]
+__all__ = ["TreeDraftDrafter", "truth_matrix"]
 
 # The factor's prior: as if the first tree passes had accepted half their expected tokens.
 PRIOR_EXPECTED_TOKENS = 64.0
 PRIOR_ACCEPTED_TOKENS = 32.0
+
+
+def truth_matrix(truths: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``width`` tokens of each row's truth as an int32 matrix [rows, width] (0 past
+    a row's length), and each row's length (at most ``width``)."""
+    matrix = np.zeros((len(truths), width), np.int32)
+    lengths = np.zeros(len(truths), np.int64)
+    for row, tokens in enumerate(truths):
+        lengths[row] = min(width, tokens.size)
+        matrix[row, : lengths[row]] = tokens[: lengths[row]]
+    return matrix, lengths
 
 
 class TreeDraftDrafter(DASDrafter):
@@ -87,11 +98,7 @@ class TreeDraftDrafter(DASDrafter):
         context_slots = np.fromiter((r.own_slot for r in requests), np.int64, rows)
         roots, match_slots = self._lookup_trees(requests, context_slots)
         k = self.config.num_speculative_tokens
-        truth = np.zeros((rows, k + 1), np.int32)
-        truth_lens = np.zeros(rows, np.int64)
-        for row, tokens in enumerate(self.truths):
-            truth_lens[row] = min(k + 1, tokens.size)
-            truth[row, : truth_lens[row]] = tokens[: truth_lens[row]]
+        truth, truth_lens = truth_matrix(self.truths, k + 1)
         sources = len(self._enabled_sources)
         cumulative, accepted, num, matches = self.forest.tree_drafts(
             roots,

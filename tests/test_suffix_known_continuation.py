@@ -233,3 +233,28 @@ def test_a_merged_tree_holds_a_shorter_matchs_branch_the_best_single_tree_lacks(
     assert num.tolist() == [6]
     assert merged[0].tolist() == [1.0, 1.0, 1.0, 1.0, 2 / 3, 2 / 3]
     assert held[0].tolist() == [0, 0, 0, 0, 1, 2]
+
+
+def test_a_shorter_match_with_a_smaller_better_tree_leaves_no_nodes_of_the_longer_one() -> None:
+    forest = SuffixForest(max_depth=8)
+    for i in range(4):  # below 1 2 3: four rare branches of three tokens (12 positions)
+        forest.append(("branch", i), [1, 2, 3, 10 + i, 20 + i, 30 + i])
+    for i in range(20):  # 1 2 3 often ends a sequence: every position below it is rare
+        forest.append(("end", i), [1, 2, 3])
+    for i in range(40):  # 2 3 mostly goes on with 10 20
+        forest.append(("common", i), [2, 3, 10, 20])
+    forest.append("request", [9, 1, 2, 3], tree="own")
+    cumulative, _, num, matches = forest.tree_drafts(
+        np.array([forest.tree_handle(0)]),
+        np.array([forest.sequence_handle("request")]),
+        np.zeros((1, 1), np.int32),
+        np.array([0]),
+        10,
+        3,
+        max_spec_factor=1.0,
+    )
+    # Below 1 2 3 ten nodes of 1/24 sum 0.42; below 2 3 (paths of at most 2 tokens) eight
+    # positions sum 1.375 and win: the row holds those eight and nothing after them.
+    assert (num.tolist(), matches.tolist()) == ([8], [2])
+    assert cumulative[0, :2].tolist() == [41 / 64, 41 / 64]
+    assert not cumulative[0, 8:].any()

@@ -35,8 +35,8 @@ import numpy as np
 from das import methods
 from das.atomic_json import write_json_atomically
 from das.bench import script_args
-from das.bench.trace_oracle import TraceView
-from das.bench.tree_drafts import TreeDraftDrafter, truth_matrix
+from das.bench.trace_oracle import TraceView, truth_matrix
+from das.bench.tree_drafts import TreeDraftDrafter
 from policies.profiles import TABLE_PROFILES, policy_cost_model
 from rollouts.replay import replay_step
 

@@ -21,7 +21,26 @@ from policies.budget import BatchView
 from rollouts.trace import RolloutRecord
 from suffix_tree.draft import DraftBatch
 
-__all__ = ["OracleSourceDrafter", "OracleTreeDrafter", "TraceView", "accepted_per_source"]
+__all__ = [
+    "OracleSourceDrafter",
+    "OracleTreeDrafter",
+    "TraceView",
+    "accepted_per_source",
+    "truth_matrix",
+]
+
+
+def truth_matrix(
+    truths: Sequence[np.ndarray], width: int, fill: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``width`` tokens of each row's truth as an int32 matrix [rows, width]
+    (``fill`` past a row's length), and each row's length (at most ``width``)."""
+    matrix = np.full((len(truths), width), fill, np.int32)
+    lengths = np.zeros(len(truths), np.int64)
+    for row, tokens in enumerate(truths):
+        lengths[row] = min(width, tokens.size)
+        matrix[row, : lengths[row]] = tokens[: lengths[row]]
+    return matrix, lengths
 
 
 def accepted_per_source(
@@ -31,9 +50,7 @@ def accepted_per_source(
     (``truths[row]``: the tokens row ``row`` has still to generate); -1 for a disabled source."""
     rows = len(truths)
     width = max((b.tokens.shape[1] for b in batches if b is not None), default=0)
-    truth = np.full((rows, width), -1, np.int64)
-    for row, tokens in enumerate(truths):
-        truth[row, : min(width, tokens.size)] = tokens[:width]
+    truth, _ = truth_matrix(truths, width, fill=-1)  # -1: equals no draft token
     accepted = np.full((len(batches), rows), -1, np.int64)
     for source, batch in enumerate(batches):
         if batch is None:
@@ -81,12 +98,7 @@ class OracleTreeDrafter(OracleSourceDrafter):
         drafts = super()._look_up(requests, context_slots, caps, spec_factor)
         roots, match_slots = self._lookup_trees(requests, context_slots)
         sources = len(self._enabled_sources)
-        width = drafts.tokens.shape[1]
-        truth = np.zeros((len(requests), width), np.int32)
-        truth_lens = np.zeros(len(requests), np.int64)
-        for row, tokens in enumerate(self.truths):
-            truth_lens[row] = min(width, tokens.size)
-            truth[row, : truth_lens[row]] = tokens[: truth_lens[row]]
+        truth, truth_lens = truth_matrix(self.truths, drafts.tokens.shape[1])
         lengths, matches = self.forest.known_continuations(
             roots,
             np.tile(context_slots, sources),

@@ -29,26 +29,16 @@ from typing import Any
 
 import numpy as np
 
+from das.bench.trace_oracle import truth_matrix
 from das.drafter import SOURCES, DASDrafter, Proposal
 from policies.budget import optimal_budgets
 from suffix_tree.draft import DraftBatch
 
-__all__ = ["TreeDraftDrafter", "truth_matrix"]
+__all__ = ["TreeDraftDrafter"]
 
 # The factor's prior: as if the first tree passes had accepted half their expected tokens.
 PRIOR_EXPECTED_TOKENS = 64.0
 PRIOR_ACCEPTED_TOKENS = 32.0
-
-
-def truth_matrix(truths: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``width`` tokens of each row's truth as an int32 matrix [rows, width] (0 past
-    a row's length), and each row's length (at most ``width``)."""
-    matrix = np.zeros((len(truths), width), np.int32)
-    lengths = np.zeros(len(truths), np.int64)
-    for row, tokens in enumerate(truths):
-        lengths[row] = min(width, tokens.size)
-        matrix[row, : lengths[row]] = tokens[: lengths[row]]
-    return matrix, lengths
 
 
 class TreeDraftDrafter(DASDrafter):

@@ -177,6 +177,18 @@ def _extend_hash(path_hash, token):
     return path_hash * np.int64(1000003) + token + 1
 
 
+@njit(cache=True, inline="always")
+def _push_entry(work, hashes, heap, size, entry, cumulative, node, implicit, depth, on_truth, path):
+    """Record candidate ``entry`` (a work column, see :func:`_push_children`) and push it."""
+    work[0, entry] = cumulative
+    work[1, entry] = node
+    work[2, entry] = implicit
+    work[3, entry] = depth
+    work[4, entry] = 1.0 if on_truth else 0.0
+    hashes[entry] = path
+    return _heap_push(heap, size, work[0], entry)
+
+
 @njit(cache=True)
 def _push_children(
     state,
@@ -202,31 +214,45 @@ def _push_children(
     entry's path (its tokens below the match) hashed, from the parent's ``path_hash``.
     Returns (heap size, entries)."""
     nodes = state.nodes
+    # The child continues the truth if its parent does and its token is the truth's next one.
+    next_truth = truth[depth] if on_truth and depth < truth_len else -1
     if implicit > 0 or _is_chain_head(nodes, node, root):
         ref_seq = nodes[node, F_REF_SEQ]
         pos = nodes[node, F_REF_POS] + implicit
         if ref_seq < 0 or pos >= state.seq_len[ref_seq] or entries >= MAX_CANDIDATES:
             return size, entries
         token = state.pool[state.seq_start[ref_seq] + pos]
-        work[0, entries] = cumulative
-        work[1, entries] = node
-        work[2, entries] = implicit + 1
-        work[3, entries] = depth + 1
-        work[4, entries] = 1.0 if on_truth and depth < truth_len and truth[depth] == token else 0.0
-        hashes[entries] = _extend_hash(path_hash, token)
-        size = _heap_push(heap, size, work[0], entries)
+        size = _push_entry(
+            work,
+            hashes,
+            heap,
+            size,
+            entries,
+            cumulative,
+            node,
+            implicit + 1,
+            depth + 1,
+            token == next_truth,
+            _extend_hash(path_hash, token),
+        )
         return size, entries + 1
     parent_count = nodes[node, F_COUNT]
     child = nodes[node, F_FIRST_CHILD]
     while child >= 0 and entries < MAX_CANDIDATES:
         token = nodes[child, F_TOKEN]
-        work[0, entries] = cumulative * (nodes[child, F_COUNT] / parent_count)  # <= cumulative
-        work[1, entries] = child
-        work[2, entries] = 0
-        work[3, entries] = depth + 1
-        work[4, entries] = 1.0 if on_truth and depth < truth_len and truth[depth] == token else 0.0
-        hashes[entries] = _extend_hash(path_hash, token)
-        size = _heap_push(heap, size, work[0], entries)
+        size = _push_entry(
+            work,
+            hashes,
+            heap,
+            size,
+            entries,
+            cumulative * (nodes[child, F_COUNT] / parent_count),  # <= cumulative
+            child,
+            0,
+            depth + 1,
+            token == next_truth,
+            _extend_hash(path_hash, token),
+        )
         entries += 1
         child = nodes[child, F_NEXT_SIBLING]
     return size, entries
@@ -328,7 +354,7 @@ def best_first_tree_rows(
     work = np.zeros((5, MAX_CANDIDATES))
     heap = np.zeros(MAX_CANDIDATES, np.int64)
     hashes = np.zeros(MAX_CANDIDATES, np.int64)
-    # One tree per match length, side by side: tree of length m at [(m - 1) * max_nodes, ...).
+    # The trees of every match length of a row, one after the other (at most max_nodes each).
     width = max_depth * max_nodes
     cumulative = np.zeros(width)
     accepted = np.zeros(width, np.int64)
@@ -345,13 +371,13 @@ def best_first_tree_rows(
             continue
         low = _match_row(state, root, context_slots[i], match_slots[i])
         best = -1.0
-        best_match = 0
+        best_at = 0
+        best_num = 0
         total = 0  # positions grown below all matches, side by side
         for m in range(low, 0, -1):
             path = min(max_path, np.int64(m * max_spec_factor + 1e-6), max_depth - m)
             if path <= 0:
                 continue
-            at = total
             num = _grow_tree(
                 state,
                 root,
@@ -364,27 +390,19 @@ def best_first_tree_rows(
                 work,
                 heap,
                 hashes,
-                cumulative[at:],
-                accepted[at:],
-                path_hash[at:],
-                depth_of[at:],
-                on_truth[at:],
+                cumulative[total:],
+                accepted[total:],
+                path_hash[total:],
+                depth_of[total:],
+                on_truth[total:],
             )
-            expected = cumulative[at : at + num].sum()
+            expected = cumulative[total : total + num].sum()
             if num > 0 and expected > best:
-                best = expected
-                best_match = m
+                best, best_at, best_num = expected, total, num
+                out_match[i] = m
             total += num
-            if not merge_matches:
-                total = 0  # one tree at a time
-                if num > 0 and best_match == m:
-                    out_num[i] = num
-                    out_match[i] = m
-                    out_cumulative[i, :] = 0.0  # a longer match's bigger tree may be here
-                    out_accepted[i, :] = 0
-                    out_cumulative[i, :num] = cumulative[:num]
-                    out_accepted[i, :num] = accepted[:num]
         if merge_matches and total > 0:
+            out_match[i] = 0
             out_num[i] = _merge_paths(
                 cumulative[:total],
                 path_hash[:total],
@@ -394,6 +412,10 @@ def best_first_tree_rows(
                 out_cumulative[i],
                 out_accepted[i],
             )
+        elif best_num > 0:
+            out_num[i] = best_num
+            out_cumulative[i, :best_num] = cumulative[best_at : best_at + best_num]
+            out_accepted[i, :best_num] = accepted[best_at : best_at + best_num]
 
 
 @njit(cache=True)
@@ -404,7 +426,7 @@ def _merge_paths(cumulative, path_hash, depth, on_truth, max_nodes, out_cumulati
     by_depth = np.argsort(depth, kind="mergesort")
     order = by_depth[np.argsort(-cumulative[by_depth], kind="mergesort")]
     seen = set()
-    seen.add(np.int64(0))
+    seen.add(np.int64(0))  # numba types an empty set by its first element: an int64 set
     seen.discard(np.int64(0))
     chosen = 0
     held = 0

@@ -32,6 +32,18 @@ TREE_CASES = {
 }
 
 
+def _forests(
+    sequences: list[tuple[int, list[int]]],
+) -> tuple[SuffixForest, dict[int, NaiveSuffixForest]]:
+    """A forest holding ``sequences`` (sequence i has id i) and a brute-force oracle per tree."""
+    forest = SuffixForest(max_depth=DEPTH, initial_nodes=16)
+    naive = {tree: NaiveSuffixForest(DEPTH) for tree in range(NUM_TREES)}
+    for seq, (tree, tokens) in enumerate(sequences):
+        forest.append(seq, tokens, tree=tree)
+        naive[tree].append(seq, tokens)
+    return forest, naive
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     sequences=SEQUENCES,
@@ -44,11 +56,7 @@ TREE_CASES = {
 def test_known_continuations_match_a_brute_force_search(
     sequences, removed, continuation, budget, factor, read_along
 ) -> None:
-    forest = SuffixForest(max_depth=DEPTH, initial_nodes=16)
-    naive = {tree: NaiveSuffixForest(DEPTH) for tree in range(NUM_TREES)}
-    for seq, (tree, tokens) in enumerate(sequences):
-        forest.append(seq, tokens, tree=tree)
-        naive[tree].append(seq, tokens)
+    forest, naive = _forests(sequences)
     if removed < len(sequences) - 1:  # a removal leaves stale best children and freed chains
         tree = sequences[removed][0]
         forest.remove(removed)
@@ -141,11 +149,7 @@ def test_known_continuations_name_bad_rows() -> None:
 def test_tree_drafts_hold_the_most_probable_positions_below_the_best_match(
     sequences, truth, max_nodes, max_path, factor
 ) -> None:
-    forest = SuffixForest(max_depth=DEPTH, initial_nodes=16)
-    naive = {tree: NaiveSuffixForest(DEPTH) for tree in range(NUM_TREES)}
-    for seq, (tree, tokens) in enumerate(sequences):
-        forest.append(seq, tokens, tree=tree)
-        naive[tree].append(seq, tokens)
+    forest, naive = _forests(sequences)
     rows = [(seq, tree) for seq in range(len(sequences)) for tree in range(NUM_TREES)]
     width = max(1, len(truth))
     truths = np.zeros((len(rows), width), np.int32)
@@ -185,9 +189,7 @@ def test_tree_drafts_hold_the_most_probable_positions_below_the_best_match(
 def test_merged_trees_sum_at_least_the_best_single_tree_and_stay_under_the_ceiling(
     sequences, truth, max_nodes, max_path, factor
 ) -> None:
-    forest = SuffixForest(max_depth=DEPTH, initial_nodes=16)
-    for seq, (tree, tokens) in enumerate(sequences):
-        forest.append(seq, tokens, tree=tree)
+    forest, _ = _forests(sequences)
     rows = [(seq, tree) for seq in range(len(sequences)) for tree in range(NUM_TREES)]
     args = (
         np.array([forest.tree_handle(tree) for _, tree in rows]),

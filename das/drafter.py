@@ -143,8 +143,8 @@ class AcceptanceCalibration:
         toward ``factors`` (those of :meth:`factors`)."""
         return (self.accepted_beyond + self.prior * factors) / (self.expected_beyond + self.prior)
 
+    @staticmethod
     def position_factors(
-        self,
         factors: np.ndarray,
         beyond: np.ndarray,
         sources: np.ndarray,
@@ -157,7 +157,8 @@ class AcceptanceCalibration:
         past = np.arange(width)[None, :] >= match_lens[:, None]
         return np.where(past, beyond[sources, buckets][:, None], factors[sources, buckets][:, None])
 
-    def calibrate(self, probs: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def calibrate(probs: np.ndarray, factors: np.ndarray) -> np.ndarray:
         """[rows, K] calibrated cumulative probabilities from raw conditional ``probs`` (0 past
         each draft) and one factor per row (1-D) or per position (2-D)."""
         per_position = factors if factors.ndim == 2 else factors[:, None]

@@ -88,6 +88,7 @@ logger = logging.getLogger("bench_policy_ceiling")
 # (benchmarks/results/rollout_cpu_sequential.json).
 LIVE_CPU_COST = "0.0363,0.00078"
 TREE_NODES = 16  # the most nodes of a request's tree in das_tree_drafts
+MAX_DEPTH = DASConfig.max_depth  # the drafter's default depth bound
 METHODS = (
     "none",
     "suffix_global",
@@ -128,10 +129,12 @@ def replay_method(
     cost: CostModel,
     k: int,
     tree_nodes: int = TREE_NODES,
+    max_depth: int = MAX_DEPTH,
 ) -> tuple[list[StepResult], list[dict[str, Any]]]:
     """Replay every step of the trace in order with one drafter of ``method``, priced by
     ``cost`` (a policy plans with :func:`~policies.profiles.policy_cost_model` of it);
-    the tree drafters verify trees of up to ``tree_nodes`` nodes.
+    the tree drafters verify trees of up to ``tree_nodes`` nodes, and every suffix tree,
+    the global tree's too, is bounded at ``max_depth``.
 
     Returns the step results and, per step, the slowest request (its row, forward passes,
     tokens, rejected draft tokens, and its passes priced alone) and the draft tokens rejected
@@ -140,7 +143,12 @@ def replay_method(
     plan = policy_cost_model(cost)
     # Lookups free, as in every replay: a drafter timing its own lookups would skip batches by
     # the machine's clock, and the modelled times would depend on the machine's load.
-    settings = DASConfig(num_speculative_tokens=k, policy="cost_model", lookup_us_per_request=0.0)
+    settings = DASConfig(
+        num_speculative_tokens=k,
+        policy="cost_model",
+        lookup_us_per_request=0.0,
+        max_depth=max_depth,
+    )
     spec_factor = settings.spec_factor_for(plan.knee_tokens)  # what das_policy drafts with
     if method == "none":
         view = None
@@ -148,7 +156,8 @@ def replay_method(
         name = {"das_policy": "das_cost_model", "oracle_drafts": "das_fixed"}.get(method, method)
         factor = {} if method == "suffix_global" else {"max_spec_factor": spec_factor}
         view = TraceView(
-            methods.build_drafter(name, plan, k, **factor), cut_drafts=method == "oracle_drafts"
+            methods.build_drafter(name, plan, k, max_depth=max_depth, **factor),
+            cut_drafts=method == "oracle_drafts",
         )
     elif method == "makespan_predicted":
 
@@ -161,7 +170,7 @@ def replay_method(
         oracle = OracleSourceDrafter if method == "oracle_sources" else OracleTreeDrafter
         view = TraceView(oracle(fixed), cut_drafts=True)
     elif method in ("das_tree_drafts", "das_merged_tree_drafts"):
-        linear = methods.build_drafter("das_cost_model", plan, k)
+        linear = methods.build_drafter("das_cost_model", plan, k, max_depth=max_depth)
         view = TraceView(
             TreeDraftDrafter(
                 linear.config,
@@ -307,6 +316,12 @@ def main(argv: list[str] | None = None) -> None:
         help=f"the most nodes of a request's tree in das_tree_drafts (default {TREE_NODES})",
     )
     parser.add_argument(
+        "--max-depth",
+        type=int,
+        default=MAX_DEPTH,
+        help=f"depth bound of every suffix tree, the global tree's too (default {MAX_DEPTH})",
+    )
+    parser.add_argument(
         "--json", type=Path, default=Path("benchmarks/results/policy_ceiling_cpu.json")
     )
     parser.add_argument("--plot", type=Path, help="write a bar chart of step times here")
@@ -318,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.tree_nodes < 1:
         parser.error(f"--tree-nodes {args.tree_nodes} must be >= 1")
+    if args.max_depth < 2:
+        parser.error(f"--max-depth {args.max_depth} must be >= 2 (a match and a draft token)")
     chosen = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(chosen) - set(METHODS))
     if unknown or not {"none", "suffix_global"} <= set(chosen):
@@ -326,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
             "and none and suffix_global must be among them (the ratios' baselines)"
         )
     replays = {
-        m: replay_method(m, steps, cost, args.k, args.tree_nodes)
+        m: replay_method(m, steps, cost, args.k, args.tree_nodes, args.max_depth)
         for m in tqdm([m for m in METHODS if m in chosen], desc="replay")
     }
     runs = {method: results for method, (results, _) in replays.items()}
@@ -349,11 +366,14 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "command": f"python scripts/bench_policy_ceiling.py --trace {args.trace.name} "
         f"--cost {args.cost} --json {args.json.name}"
+        + (f" --k {args.k}" if args.k != 16 else "")
+        + (f" --max-depth {args.max_depth}" if args.max_depth != MAX_DEPTH else "")
         + (f" --methods {args.methods}" if set(chosen) != set(METHODS) else "")
         + (f" --tree-nodes {args.tree_nodes}" if args.tree_nodes != TREE_NODES else ""),
         "cost_model": args.cost,
         "num_speculative_tokens": args.k,
         "tree_nodes": args.tree_nodes,
+        "max_depth": args.max_depth,
         "steps": {
             method: [
                 {

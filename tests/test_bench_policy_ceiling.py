@@ -122,3 +122,38 @@ def test_ceiling_benchmark_replays_the_methods_asked_with_the_tree_size_asked(
     assert sum(r["accepted_tokens"] for r in one["steps"]["das_tree_drafts"]) < sum(
         r["accepted_tokens"] for r in sixteen["steps"]["das_tree_drafts"]
     )
+
+
+def test_ceiling_benchmark_bounds_every_tree_at_the_depth_asked(tmp_path, load_script) -> None:
+    bench = load_script("bench_policy_ceiling")
+    out = tmp_path / "shallow.json"
+    trace = str(ROOT / "tests" / "data" / "trace_small.parquet")
+    common = ["--trace", trace, "--cost", "h100", "--k", "8", "--json", str(out)]
+    common += ["--methods", "none,suffix_global,oracle_drafts"]
+    bench.main(common)
+    deep = json.loads(out.read_text())
+    bench.main([*common, "--max-depth", "3"])
+    shallow = json.loads(out.read_text())
+    assert shallow["max_depth"] == 3
+    assert "--k 8 --max-depth 3 --methods" in shallow["command"]
+    assert deep["max_depth"] == 24
+    # A tree of depth 3 holds a match of at least one token and at most two draft tokens after
+    # it: every pass yields at most 3 tokens of a request, whatever K allows.
+    longest = max(row["decode_iterations"] for row in shallow["steps"]["none"])
+    for method in ("suffix_global", "oracle_drafts"):
+        for row, deeper in zip(shallow["steps"][method], deep["steps"][method], strict=True):
+            assert row["decode_iterations"] >= longest / 3
+            assert row["accepted_tokens"] < deeper["accepted_tokens"]
+
+
+def test_ceiling_benchmark_names_a_depth_too_small_for_a_draft(
+    tmp_path, capsys, load_script
+) -> None:
+    bench = load_script("bench_policy_ceiling")
+    trace = str(ROOT / "tests" / "data" / "trace_small.parquet")
+    out = tmp_path / "never.json"
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--trace", trace, "--max-depth", "1", "--json", str(out)])
+    assert not out.exists()
+    assert exit_.value.code == 2
+    assert "--max-depth 1" in capsys.readouterr().err

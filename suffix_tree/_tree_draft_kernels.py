@@ -171,10 +171,19 @@ def _heap_pop(heap, size, keys):
     return top, size
 
 
+# A path hash packs two polynomial hashes modulo the prime 2**31 - 1, with distinct
+# multipliers, in the high and low 31 bits of an int64: no product passes 2**63, so the
+# arithmetic never overflows, compiled or not.
+_HASH_PRIME = 2147483647
+_HASH_BITS = 31
+
+
 @njit(cache=True, inline="always")
 def _extend_hash(path_hash, token):
-    """The hash of a path one token longer (int64 arithmetic wraps)."""
-    return path_hash * np.int64(1000003) + token + 1
+    """The hash of a path one token longer (the empty path's hash is 0)."""
+    high = ((path_hash >> _HASH_BITS) * 48271 + token + 1) % _HASH_PRIME
+    low = ((path_hash & _HASH_PRIME) * 69621 + token + 1) % _HASH_PRIME
+    return (high << _HASH_BITS) | low
 
 
 @njit(cache=True, inline="always")

@@ -89,6 +89,7 @@ logger = logging.getLogger("bench_policy_ceiling")
 LIVE_CPU_COST = "0.0363,0.00078"
 TREE_NODES = 16  # the most nodes of a request's tree in das_tree_drafts
 MAX_DEPTH = DASConfig.max_depth  # the drafter's default depth bound
+K = DASConfig.num_speculative_tokens  # the drafter's default K
 METHODS = (
     "none",
     "suffix_global",
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         f"name ({', '.join(TABLE_PROFILES)}), a profile file or 'c_base,c_tok[,...]' "
         f"(default: {LIVE_CPU_COST}, the live CPU fit)",
     )
-    parser.add_argument("--k", type=int, default=16, help="num_speculative_tokens")
+    parser.add_argument("--k", type=int, default=K, help=f"num_speculative_tokens (default {K})")
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "command": f"python scripts/bench_policy_ceiling.py --trace {args.trace.name} "
         f"--cost {args.cost} --json {args.json.name}"
-        + (f" --k {args.k}" if args.k != 16 else "")
+        + (f" --k {args.k}" if args.k != K else "")
         + (f" --max-depth {args.max_depth}" if args.max_depth != MAX_DEPTH else "")
         + (f" --methods {args.methods}" if set(chosen) != set(METHODS) else "")
         + (f" --tree-nodes {args.tree_nodes}" if args.tree_nodes != TREE_NODES else ""),

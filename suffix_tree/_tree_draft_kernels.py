@@ -173,7 +173,7 @@ def _heap_pop(heap, size, keys):
 
 # A path hash packs two polynomial hashes modulo the prime 2**31 - 1, with distinct
 # multipliers, in the high and low 31 bits of an int64: no product passes 2**63, so the
-# arithmetic never overflows, compiled or not.
+# arithmetic never overflows, compiled or not. The prime is also the mask of the low 31 bits.
 _HASH_PRIME = 2147483647
 _HASH_BITS = 31
 
